@@ -1,0 +1,54 @@
+"""`bshadow diagnose` and `bshadow spectrum`. Light at import."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "diagnose",
+        help="spectral footprint of the fine-tuning delta between two checkpoints",
+        description=(
+            "Compare TUNED against BASE tensor by tensor (dW = W_tuned - W_base) and write "
+            "metrics.csv (one row per matrix), summary.json (footprint, groups, skipped), "
+            "report.md and PNG figures to --out. Checkpoints may be Hugging Face folders, "
+            ".safetensors or .gguf files, bshadow run folders or orbax step folders."
+        ),
+    )
+    d.add_argument("base", help="base checkpoint")
+    d.add_argument("tuned", help="tuned checkpoint")
+    d.add_argument("--out", required=True, help="output folder (written atomically)")
+    d.add_argument("--topk", type=int, default=8, help="K for topk_energy and base_overlap (default 8)")
+    d.add_argument("--include", metavar="REGEX", help="analyse only tensors whose name matches")
+    d.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    d.add_argument(
+        "--rename", action="append", default=[], metavar="OLD=NEW",
+        help="prefix rule applied to TUNED names before pairing, e.g. model.language_model.=model. (repeatable)",
+    )
+    d.add_argument("--batch-budget-mb", type=float, default=512.0, help="memory budget for one stack of matrices")
+    d.set_defaults(handler=_run_diagnose)
+
+    s = sub.add_parser(
+        "spectrum",
+        help="per-matrix spectra and WeightWatcher-style metrics of one checkpoint's weights",
+        description="Write metrics.csv, summary.json, report.md and figures for the weights of CKPT themselves.",
+    )
+    s.add_argument("ckpt", help="checkpoint")
+    s.add_argument("--out", required=True, help="output folder (written atomically)")
+    s.add_argument("--topk", type=int, default=8, help="K for topk_energy (default 8)")
+    s.add_argument("--include", metavar="REGEX")
+    s.add_argument("--exclude", metavar="REGEX")
+    s.add_argument("--batch-budget-mb", type=float, default=512.0)
+    s.set_defaults(handler=_run_spectrum)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from bshadow_jax.diagnostics.run import diagnose_cli
+
+    return diagnose_cli(args)
+
+
+def _run_spectrum(args: argparse.Namespace) -> int:
+    from bshadow_jax.diagnostics.run import spectrum_cli
+
+    return spectrum_cli(args)

@@ -1,0 +1,34 @@
+"""`bshadow experiment ...`. Light at import."""
+from __future__ import annotations
+
+import argparse
+
+_STUDIES = {
+    "regimes": ("the controlled intervention study: one base, data arms x seeds, narrow vs broad, footprints (the main job)",
+                "bshadow_jax.studies.regimes"),
+    "repetition": ("prompt-repetition case study: same recipe with and without repeated prompts and deduplication",
+                   "bshadow_jax.studies.repetition"),
+    "cross-family": ("diagnose a list of released base/tuned pairs and compare their footprints",
+                     "bshadow_jax.studies.cross_family"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run one of the paper's studies")
+    esub = p.add_subparsers(dest="study", metavar="STUDY", parser_class=type(p))
+    esub.required = True
+    for name, (help_text, module) in _STUDIES.items():
+        e = esub.add_parser(name, help=help_text, description=help_text)
+        e.add_argument("config", help=f"study config, e.g. configs/{name.replace('-', '_')}_cpu.yaml")
+        e.add_argument("--out", required=True, help="study folder (results.json, report.md, figures, one folder per arm/seed)")
+        e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        e.set_defaults(handler=_make_handler(module))
+
+
+def _make_handler(module: str):
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).run_cli(args.config, args.out, args.overrides)
+
+    return handler
