@@ -1,0 +1,30 @@
+"""Llama-family models: config, init, pure forward, and checkpoint import/export.
+
+    cfg, params = load_pretrained(path)       # HF folder/.safetensors/.gguf/run folder/hub id
+    logits = forward(cfg, params, tokens)      # int32 [B, T] -> float32 [B, T, V]
+    save_pretrained(cfg, params, out_dir)      # loadable by transformers' AutoModelForCausalLM
+"""
+from bshadow_jax.models.hf import config_from_hf, config_to_hf_dict, load_hf, save_pretrained
+from bshadow_jax.models.llama import (
+    LlamaConfig,
+    flatten_params,
+    forward,
+    init_params,
+    param_shapes,
+    unflatten_params,
+)
+from bshadow_jax.models.loading import load_pretrained
+
+__all__ = [
+    "LlamaConfig",
+    "config_from_hf",
+    "config_to_hf_dict",
+    "flatten_params",
+    "forward",
+    "init_params",
+    "load_hf",
+    "load_pretrained",
+    "param_shapes",
+    "save_pretrained",
+    "unflatten_params",
+]
