@@ -1,0 +1,158 @@
+"""Orbax checkpoints of a run: params, optimizer state, step, RNG and the data-iterator state.
+
+Layout: RUN/checkpoints/<step>/{params,train,data}. `params` is its own item so that
+`load_run_params` (export, diagnostics, `models.load_pretrained`) reads only the weights.
+Saves are async (the data-iterator state is captured synchronously at save time) and
+finalised by an atomic rename, so a run killed at any moment leaves only complete steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bshadow_jax.errors import UserError
+from bshadow_jax.training.state import TrainState
+
+CKPT_DIRNAME = "checkpoints"
+CONFIG_NAME = "config.yaml"
+TOKENIZER_DIRNAME = "tokenizer"
+
+
+def _grain_args():
+    import grain
+
+    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+
+
+class RunCheckpointer:
+    """CheckpointManager over RUN/checkpoints with keep-N and async saves."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int, async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / CKPT_DIRNAME
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UserError(f"{self.directory}: exists and is not a folder")
+        self._pending_step: int | None = None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save killed half-way
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_iter=None) -> None:
+        save_cls, _ = _grain_args()
+        items = {
+            "params": ocp.args.StandardSave(state.params),
+            "train": ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
+        }
+        if data_iter is not None:
+            items["data"] = save_cls(data_iter)
+        step = int(state.step)
+        with self._write_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending_step = step
+
+    def restore(self, step: int, abstract_state: TrainState, data_iter=None) -> TrainState:
+        """Restore onto `abstract_state`'s shapes and shardings (ShapeDtypeStructs); data_iter in place."""
+        _, restore_cls = _grain_args()
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state.params),
+            "train": ocp.args.StandardRestore(
+                {"opt_state": abstract_state.opt_state, "step": abstract_state.step, "rng": abstract_state.rng}
+            ),
+        }
+        if data_iter is not None:
+            items["data"] = restore_cls(data_iter)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        train = out["train"]
+        return TrainState(params=out["params"], opt_state=train["opt_state"], step=train["step"], rng=train["rng"])
+
+    def wait(self) -> None:
+        with self._write_errors(self._pending_step):
+            self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        with self._write_errors(self._pending_step):
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """A failed write (disk full, permissions) becomes one clear UserError naming the folder."""
+        try:
+            yield
+        except Exception as e:  # orbax re-raises its writer threads' errors, sometimes wrapped
+            os_err = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+            if os_err is None:
+                raise
+            try:
+                kept = self.manager.latest_step()
+            except Exception:  # noqa: BLE001 - the folder itself may be the problem
+                kept = None
+            what = f"the last complete checkpoint (step {kept}) is kept" if kept is not None else "no complete checkpoint yet"
+            reason = os_err.strerror or str(os_err)
+            raise UserError(
+                f"{self.directory}: saving step {step} failed ({reason}); {what}; fix the disk or folder and "
+                "rerun the same command to resume"
+            ) from e
+
+
+def _is_step_dir(p: Path) -> bool:
+    return p.is_dir() and p.name.isdigit() and (p / "params").is_dir()
+
+
+def resolve_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(step folder, run folder) for a run folder (latest step) or an orbax step folder."""
+    p = Path(path)
+    if _is_step_dir(p):
+        return p, p.parent.parent
+    ckpts = p / CKPT_DIRNAME
+    if ckpts.is_dir():
+        steps = sorted((int(c.name) for c in ckpts.iterdir() if _is_step_dir(c)))
+        if not steps:
+            raise UserError(f"{p}: run folder has no finished checkpoint in {CKPT_DIRNAME}/")
+        return ckpts / str(steps[-1]), p
+    raise UserError(f"{p}: not a bshadow run folder (no {CKPT_DIRNAME}/) nor an orbax step folder")
+
+
+def load_params_numpy(step_dir: str | os.PathLike) -> dict:
+    """The `params` item of a step folder as a host numpy pytree, whatever mesh saved it."""
+    item = Path(step_dir).absolute() / "params"
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        meta = ckptr.metadata(item)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        device = jax.local_devices()[0]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+            tree,
+        )
+        restored = ckptr.restore(item, target)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise UserError(f"{item}: cannot read the orbax params checkpoint ({type(e).__name__}: {e})") from None
+    return jax.tree.map(np.asarray, restored)
+
+
+def load_run_params(path: str | os.PathLike):
+    """(LlamaConfig, numpy params) of a run folder's latest step or of one orbax step folder."""
+    from bshadow_jax.training.config import TrainConfig
+    from bshadow_jax.config import from_dict, read_yaml
+
+    step_dir, run_dir = resolve_step_dir(path)
+    cfg_path = run_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path}: missing; the run folder's resolved config gives the model config")
+    train_cfg = from_dict(TrainConfig, read_yaml(cfg_path))
+    params = load_params_numpy(step_dir)
+    vocab = params["model"]["embed_tokens"]["weight"].shape[0]
+    return train_cfg.llama_config(vocab), params
