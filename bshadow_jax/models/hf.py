@@ -52,6 +52,18 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
 def config_from_hf(hf_config: Any) -> LlamaConfig:
     """LlamaConfig from a transformers PretrainedConfig or its config.json dict (llama, qwen2, mistral)."""
     d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    try:
+        return _config_from_hf_dict(d)
+    except UserError:
+        raise
+    except KeyError as e:
+        raise UserError(f"config.json: missing key {e}") from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, AttributeError) as e:
+        # config.json is untrusted input: a value of the wrong type is bad input, not a bug
+        raise UserError(f"config.json: bad value ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf_dict(d: dict) -> LlamaConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise UserError(f"config.json: model_type {model_type!r} is not supported (supported: {list(MODEL_TYPES)})")
@@ -74,6 +86,8 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     else:
         attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
     num_heads = int(d["num_attention_heads"])
+    if num_heads <= 0:
+        raise UserError(f"config.json: num_attention_heads must be positive, got {num_heads}")
     head_dim = int(d["head_dim"]) if d.get("head_dim") else None
     if head_dim == int(d["hidden_size"]) // num_heads:
         head_dim = None  # the default: keeps load(save(cfg)) == cfg for configs that never set it

