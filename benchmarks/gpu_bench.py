@@ -1,0 +1,672 @@
+"""One short accelerator run: bf16 training MFU (135M and ~1B Llama) and diagnose time for a 7B-shaped pair.
+
+  bash benchmarks/gpu.sh                                  # on the H200 machine (setup notes in gpu.sh)
+  python benchmarks/gpu_bench.py --out DIR [--time-limit 480] [--sections roofline,train_135m,train_1b,diagnose_7b]
+  python benchmarks/gpu_bench.py --tiny --out DIR         # toy shapes: the whole script on a CPU in seconds
+
+Sections (each result is written to DIR/gpu_bench.json and DIR/gpu_bench.md as soon as it exists, so a run
+killed by its wall limit keeps what it measured):
+
+* roofline: a jitted bf16 8192^3 matmul in this process (2 n^3 FLOPs; median of rounds of 10 async dispatches).
+* train_135m / train_1b: the library's own jitted training step (bshadow_jax.training: TrainConfig ->
+  loop._compiled, i.e. the sharded init and the donated train_step that `bshadow train` runs), AdamW with
+  clipping, float32 master weights, compute_dtype bfloat16, random weights, random tokens, seq 2048.
+  Shapes: SmolLM2-135M (30 x 576, FFN 1536, 9/3 heads, vocab 49152, tied) and a Llama-3.2-1B-like model
+  (16 x 2048, FFN 8192, 32/8 heads, vocab 128256, tied, llama3 RoPE). The first step (compile) and the
+  warm-up steps are excluded; the median of the timed steps is reported. Default batches (135M: 4, 1B: 2
+  sequences of 2048) come from XLA's compiled memory analysis of this very step (on the CPU backend: 67 GB
+  and 71 GB of temporaries, linear in the batch, almost all of it the attention's materialised B x H x T x T
+  float32 scores), sized to the H200's ~128 GB usable. A batch that still runs out of device memory is
+  halved and retried (the JSON says so).
+  Model FLOPs per token = 6 * N_matmul + 12 * L * (H * hd) * T (forward + backward; N_matmul counts every
+  matmul weight including the LM head but not the embedding gather; attention over the full T x T square,
+  PaLM's MFU definition). MFU is quoted against the H200 dense bf16 spec (989 TFLOP/s) and against the
+  measured roofline.
+* diagnose_7b: a Llama-2-7B-shaped pair (32 layers, width 4096, FFN 11008, 32 heads, vocab 32000, untied:
+  226 matrices) made on the device (base ~ N(0, 0.02); tuned = base + rank-16 delta of per-module scale
+  + 1e-4 dense noise, the recipe of benchmarks/diagnose_speed.py), then
+  bshadow_jax.diagnostics.diagnose(base, tuned) timed to the full DiagnoseResult (compiles included: a
+  user's cold call), inside jax.default_matmul_precision("highest") unless --diag-matmul-precision says
+  otherwise (jax's default float32 matmul on Hopper is TF32, too coarse for a Gram's eigenvalues). A few
+  matrices are checked against scipy's svdvals of the host float32 delta.
+
+Goals (issue 6, H200): >= 40% MFU at 1B; 7B pair diagnosed in < 60 s. Printed next to the results.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+H200_BF16_PEAK_TFLOPS = 989.0  # dense bf16, SXM datasheet (same tensor-core rate as the H100)
+GOAL_MFU_1B = 0.40
+GOAL_DIAG_7B_S = 60.0
+DELTA_RANK, DELTA_NOISE = 16, 1e-4
+# run in this order: the goal sections first, so a run cut by its wall limit keeps them
+SECTIONS = ("roofline", "train_1b", "diagnose_7b", "train_135m")
+
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+LLAMA32_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    max_position_embeddings=131072,
+)
+LLAMA2_7B = dict(layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000)
+
+# --tiny: the same code paths at toy sizes (CPU smoke test). Both "models" share one shape, so the second
+# reuses the first's compiled step, and every matrix of the pair is square 64 x 64: one compile each.
+TINY_MODEL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+TINY_PAIR = dict(layers=1, hidden=64, ffn=64, heads=4, kv_heads=4, vocab=64)
+
+# smallest remaining wall time worth starting a section with (seconds; compile included)
+MIN_SECONDS = {"roofline": 10, "train_135m": 60, "train_1b": 90, "diagnose_7b": 60}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    info = {
+        "platform": dev.platform,
+        "device_kind": getattr(dev, "device_kind", "?"),
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
+    }
+    stats = _mem_stats()
+    if stats.get("bytes_limit"):
+        info["device_memory_gb"] = stats["bytes_limit"] / 1e9
+    return info
+
+
+def _mem_stats() -> dict:
+    import jax
+
+    try:
+        return dict(jax.devices()[0].memory_stats() or {})
+    except Exception:  # CPU backends may not report
+        return {}
+
+
+def peak_mem_gb() -> float | None:
+    peak = _mem_stats().get("peak_bytes_in_use")
+    return None if peak is None else peak / 1e9
+
+
+def is_oom(e: BaseException) -> bool:
+    s = str(e)
+    return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
+
+
+# ----------------------------------------------------------------------------------- roofline
+
+
+def matmul_roofline(n: int, *, dtype_name: str = "bfloat16", rounds: int = 5, per_round: int = 10) -> dict:
+    """FLOP/s of a jitted n x n x n matmul: rounds of `per_round` queued dispatches, one sync per round."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype_name)
+    ka, kb = jax.random.split(jax.random.key(0))
+    # random data, never zeros: tensor cores run measurably faster on zeros
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    secs = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(per_round):
+            out = f(a, b)
+        out.block_until_ready()
+        secs.append((time.perf_counter() - t) / per_round)
+    sec = statistics.median(secs)
+    return {"n": n, "dtype": dtype_name, "seconds_median": sec, "tflops": 2 * n**3 / sec / 1e12,
+            "tflops_all": [2 * n**3 / s / 1e12 for s in secs]}
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def flops_per_token(model_cfg, seq_len: int) -> tuple[float, int]:
+    """(model FLOPs per trained token, matmul parameter count): 6 N + 12 L (H hd) T."""
+    hd = model_cfg.resolved_head_dim
+    D, F, V, L = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size, model_cfg.num_hidden_layers
+    q, kv = model_cfg.num_attention_heads * hd, model_cfg.num_key_value_heads * hd
+    n_matmul = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D  # LM head is a matmul (tied or not)
+    return 6.0 * n_matmul + 12.0 * L * q * seq_len, n_matmul
+
+
+def _build_step(cfg, model_cfg):
+    """(state, jitted donated step, batch sharding, where the step came from) through the library's train path."""
+    import jax
+
+    try:
+        from bshadow_jax.training import loop
+        from bshadow_jax.training import mesh as mesh_lib
+
+        mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
+        compiled = loop._compiled(model_cfg, cfg.optim, cfg.train.steps, cfg.train.compute_dtype,
+                                  cfg.train.grad_accum, mesh)
+        state = compiled.init_random(jax.random.key(cfg.seed), cfg.seed)
+        return state, compiled.step_fn, mesh_lib.batch_sharding(mesh), "bshadow_jax.training.loop._compiled"
+    except (ImportError, AttributeError) as e:  # the loop's private helper moved: same pieces, one device
+        log(f"training.loop._compiled unavailable ({type(e).__name__}: {e}); building the step from its parts")
+        from bshadow_jax.models.llama import init_params
+        from bshadow_jax.training.optim import make_optimizer
+        from bshadow_jax.training.state import init_state
+        from bshadow_jax.training.step import make_train_step
+
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        state = init_state(init_params(model_cfg, jax.random.key(cfg.seed)), tx, cfg.seed)
+        step = jax.jit(make_train_step(model_cfg, tx, schedule, compute_dtype=cfg.train.compute_dtype,
+                                       grad_accum=cfg.train.grad_accum), donate_argnums=0)
+        return state, step, None, "bshadow_jax.training.step.make_train_step (jit, donated)"
+
+
+def random_batch(key, batch: int, seq_len: int, vocab: int, sharding=None) -> dict:
+    """The pipeline's batch dict with uniform random tokens: one segment per row, every token in the loss."""
+    import jax
+    import jax.numpy as jnp
+
+    toks = jax.random.randint(key, (batch, seq_len + 1), 0, vocab, dtype=jnp.int32)
+    b = {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+        "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
+    }
+    return jax.device_put(b, sharding) if sharding is not None else b
+
+
+def _param_count(tree) -> int:
+    import jax
+
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmup: int, compute_dtype: str) -> dict:
+    import jax
+
+    from bshadow_jax.training.config import train_config_from_dict
+
+    cfg = train_config_from_dict({
+        "seed": 0,
+        "model": model_dict,
+        "train": {"steps": 1000, "batch_size": batch, "seq_len": seq_len, "compute_dtype": compute_dtype},
+        "optim": {"name": "adamw", "warmup_steps": 10},
+    })
+    model_cfg = cfg.llama_config()
+    t = time.perf_counter()
+    state, step, bsh, source = _build_step(cfg, model_cfg)
+    n_params = _param_count(state.params)
+    batches = [random_batch(jax.random.key(100 + i), batch, seq_len, model_cfg.vocab_size, bsh) for i in range(2)]
+    jax.block_until_ready((state, batches))
+    build_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    state, m = step(state, batches[0])
+    jax.block_until_ready((state, m))
+    first_s = time.perf_counter() - t
+    loss_first = float(m["loss"])
+    for i in range(warmup):
+        state, m = step(state, batches[(i + 1) % 2])
+    jax.block_until_ready((state, m))
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        state, m = step(state, batches[i % 2])
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t)
+    # the same steps queued back to back with one sync, as a training loop runs them between log steps
+    t = time.perf_counter()
+    for i in range(steps):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready((state, m))
+    pipelined = (time.perf_counter() - t) / steps
+    loss_last = float(m["loss"])
+    del state, batches, m
+    fpt, n_matmul = flops_per_token(model_cfg, seq_len)
+    return {
+        "step_source": source, "batch": batch, "seq_len": seq_len, "compute_dtype": compute_dtype,
+        "params_total": n_params, "params_matmul": n_matmul, "flops_per_token": fpt,
+        "build_s": build_s, "first_step_s": first_s, "step_s_median": statistics.median(times), "step_s_all": times,
+        "step_s_pipelined": pipelined,
+        "loss_first": loss_first, "loss_last": loss_last, "peak_mem_gb_so_far": peak_mem_gb(),
+        "model": {k: v for k, v in model_dict.items()},
+    }
+
+
+def bench_train(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmup: int, compute_dtype: str,
+                roofline_tflops: float | None, peak_tflops: float) -> dict:
+    import jax
+
+    oom = []
+    while True:
+        try:
+            res = _train_once(model_dict, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
+                              compute_dtype=compute_dtype)
+            break
+        except Exception as e:
+            if not is_oom(e) or batch <= 1:
+                raise
+            log(f"batch {batch}: out of device memory; retrying with {batch // 2}")
+            oom.append(batch)
+            batch //= 2
+            gc.collect()
+            jax.clear_caches()
+    tokens = res["batch"] * res["seq_len"]
+    tps = tokens / res["step_s_median"]
+    achieved = tps * res["flops_per_token"] / 1e12
+    res.update({
+        "tokens_per_s_pipelined": tokens / res["step_s_pipelined"],
+        "oom_batches": oom,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tps,
+        "achieved_tflops": achieved,
+        "peak_tflops_spec": peak_tflops,
+        "mfu_spec": achieved / peak_tflops,
+        "roofline_tflops": roofline_tflops,
+        "mfu_roofline": (achieved / roofline_tflops) if roofline_tflops else None,
+        "loss_finite": math.isfinite(res["loss_first"]) and math.isfinite(res["loss_last"]),
+    })
+    return res
+
+
+# ----------------------------------------------------------------------------------- diagnose
+
+
+def pair_plan(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes of a Llama checkpoint, in file order (norms included: diagnose skips them)."""
+    D, F, V, L = dims["hidden"], dims["ffn"], dims["vocab"], dims["layers"]
+    hd = D // dims["heads"]
+    q, kv = dims["heads"] * hd, dims["kv_heads"] * hd
+    plan = [("model.embed_tokens.weight", (V, D))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        plan += [
+            (p + "input_layernorm.weight", (D,)),
+            (p + "self_attn.q_proj.weight", (q, D)),
+            (p + "self_attn.k_proj.weight", (kv, D)),
+            (p + "self_attn.v_proj.weight", (kv, D)),
+            (p + "self_attn.o_proj.weight", (D, q)),
+            (p + "post_attention_layernorm.weight", (D,)),
+            (p + "mlp.gate_proj.weight", (F, D)),
+            (p + "mlp.up_proj.weight", (F, D)),
+            (p + "mlp.down_proj.weight", (D, F)),
+        ]
+    plan += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
+    return plan
+
+
+def delta_scale(name: str, layers: int) -> float:
+    """benchmarks/diagnose_speed.py's footprint: MLPs of the middle third strongest."""
+    if "layers." not in name:
+        return 0.002
+    i = int(name.split("layers.")[1].split(".")[0])
+    mid = layers // 3 <= i < max(layers // 3 + 1, 2 * layers // 3)
+    return 0.05 if ("mlp." in name and mid) else 0.01
+
+
+def _gen_fns(dtype_name: str):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype_name)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def matrix_pair(key, scale, shape):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        m, n = shape
+        base = 0.02 * jax.random.normal(k1, shape, jnp.float32)
+        a = jax.random.normal(k2, (m, DELTA_RANK), jnp.float32)
+        b = jax.random.normal(k3, (DELTA_RANK, n), jnp.float32)
+        low = jnp.matmul(a, b, precision="highest") * (scale / math.sqrt(DELTA_RANK * n))
+        tuned = base + low + DELTA_NOISE * jax.random.normal(k4, shape, jnp.float32)
+        return base.astype(dtype), tuned.astype(dtype)
+
+    def vector_pair(seed, shape):
+        # norms are never diagnosed (1-D): made on the host, one compile fewer
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        base = np.ones(shape, np.float32)
+        tuned = base + np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
+        return jax.device_put(base.astype(dtype)), jax.device_put(tuned.astype(dtype))
+
+    return matrix_pair, vector_pair
+
+
+def make_pair_on_device(dims: dict, dtype_name: str, seed: int = 0) -> tuple[dict, dict]:
+    """Flat name -> device array dicts (base, tuned), generated tensor by tensor on the default device."""
+    import jax
+
+    matrix_pair, vector_pair = _gen_fns(dtype_name)
+    key = jax.random.key(seed)
+    base, tuned = {}, {}
+    for i, (name, shape) in enumerate(pair_plan(dims)):
+        k = jax.random.fold_in(key, i)
+        if len(shape) == 1:
+            base[name], tuned[name] = vector_pair([seed, i], shape)
+        else:
+            base[name], tuned[name] = matrix_pair(k, delta_scale(name, dims["layers"]), shape)
+    jax.block_until_ready((base, tuned))
+    return base, tuned
+
+
+def _check_rows(rows: list[dict], base: dict, tuned: dict, names: list[str]) -> dict:
+    """Max relative error of a few delta metrics against scipy svdvals of the host float32 delta."""
+    import numpy as np
+    import scipy.linalg
+
+    by_name = {r["name"]: r for r in rows}
+    errs: dict[str, float] = {}
+    checked = []
+    for n in names:
+        if n not in by_name:
+            continue
+        d = np.asarray(tuned[n], np.float32) - np.asarray(base[n], np.float32)
+        sv = scipy.linalg.svdvals(d, check_finite=False).astype(np.float64)
+        s2 = float(np.sum(sv**2))
+        p = sv / sv.sum()
+        p = p[p > 0]
+        ref = {
+            "delta_spectral_norm": float(sv[0]),
+            "delta_fro": math.sqrt(s2),
+            "delta_nuclear_norm": float(sv.sum()),
+            "delta_effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+        }
+        for k, v in ref.items():
+            got = by_name[n].get(k)
+            if got is None:
+                continue
+            errs[k] = max(errs.get(k, 0.0), abs(float(got) - v) / max(abs(v), 1e-30))
+        checked.append(n)
+    return {"matrices": checked, "max_rel_err": errs, "reference": "scipy.linalg.svdvals(float32 delta, host)"}
+
+
+def bench_diagnose(dims: dict, *, dtype_name: str, budget_mb: float, precision: str, check: int) -> dict:
+    import jax
+
+    from bshadow_jax.diagnostics import diagnose
+
+    t = time.perf_counter()
+    base, tuned = make_pair_on_device(dims, dtype_name)
+    gen_s = time.perf_counter() - t
+    n_bytes = sum(x.size * x.dtype.itemsize for x in base.values())
+    n_mat = sum(1 for x in base.values() if x.ndim == 2)
+    log(f"pair made on {jax.devices()[0].platform}: {n_mat} matrices, {n_bytes / 1e9:.2f} GB a side "
+        f"({dtype_name}) in {gen_s:.1f} s")
+
+    kw = {"budget_mb": budget_mb, "progress": False}
+    t = time.perf_counter()
+    if precision == "default":
+        res = diagnose(base, tuned, **kw)
+    else:
+        with jax.default_matmul_precision(precision):
+            res = diagnose(base, tuned, **kw)
+    diag_s = time.perf_counter() - t
+    rows = res.rows
+    finite = all(
+        all(v is None or not isinstance(v, float) or math.isfinite(v) for v in r.values()) for r in rows
+    )
+    L = dims["layers"]
+    mid = L // 2
+    want = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{mid}.mlp.down_proj.weight",
+            f"model.layers.{L - 1}.self_attn.o_proj.weight"][:max(0, check)]
+    t = time.perf_counter()
+    chk = _check_rows(rows, base, tuned, want) if want else {}
+    chk["seconds"] = time.perf_counter() - t
+    out = {
+        "dims": dims, "storage_dtype": dtype_name, "budget_mb": budget_mb, "matmul_precision": precision,
+        "matrices": len(rows), "skipped": len(res.summary.get("skipped", [])),
+        "bytes_per_side": n_bytes, "params_per_side": int(sum(x.size for x in base.values())),
+        "generate_s": gen_s, "diagnose_s": diag_s,
+        "matrices_per_s": len(rows) / diag_s if diag_s > 0 else None,
+        "recomputed_exact": res.summary.get("recomputed_exact"),
+        "metrics_finite": finite,
+        "footprint": {k: v for k, v in (res.summary.get("footprint") or {}).items() if isinstance(v, (int, float))},
+        "check": chk, "peak_mem_gb_so_far": peak_mem_gb(),
+    }
+    del base, tuned, res
+    return out
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _fmt(x, spec: str = ".3g", pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return ""
+    return f"{x:.1%}" if pct else format(x, spec)
+
+
+def goals(results: dict) -> dict:
+    t1b = results.get("train_1b") or {}
+    d7 = results.get("diagnose_7b") or {}
+    tiny = results.get("tiny", False)
+    return {
+        "mfu_1b_ge_40pct": None if tiny or "mfu_spec" not in t1b else bool(t1b["mfu_spec"] >= GOAL_MFU_1B),
+        "diagnose_7b_lt_60s": None if tiny or "diagnose_s" not in d7 else bool(d7["diagnose_s"] < GOAL_DIAG_7B_S),
+    }
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    lines = [
+        f"# gpu_bench {'(--tiny, toy shapes: not a measurement)' if results.get('tiny') else ''}".rstrip(),
+        "",
+        f"{results.get('date_utc', '')} UTC; {m.get('device_kind', '?')} x{m.get('device_count', '?')} "
+        f"({m.get('platform', '?')}), jax {m.get('jax_version', '?')}, {m.get('cpu_count', '?')} CPU cores",
+        "",
+    ]
+    r = results.get("roofline") or {}
+    if "tflops" in r:
+        lines += [f"Roofline: jitted {r['n']}^3 {r['dtype']} matmul {r['tflops']:.1f} TFLOP/s "
+                  f"(spec dense bf16 peak {results.get('peak_tflops_spec')} TFLOP/s).", ""]
+    lines += ["| training (bf16 compute, f32 master) | batch x seq | step (ms, median) | tokens/s | TFLOP/s | "
+              "MFU vs spec | MFU vs roofline | goal |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, label, goal in (("train_135m", "SmolLM2-135M shape", ""), ("train_1b", "Llama-3.2-1B-like", ">= 40% MFU")):
+        t = results.get(key) or {}
+        if "tokens_per_s" in t:
+            lines.append(f"| {label} ({t['params_total'] / 1e6:.0f}M params) | {t['batch']} x {t['seq_len']} | "
+                         f"{t['step_s_median'] * 1e3:.1f} | {t['tokens_per_s']:,.0f} | {t['achieved_tflops']:.1f} | "
+                         f"{_fmt(t['mfu_spec'], pct=True)} | {_fmt(t.get('mfu_roofline'), pct=True)} | {goal} |")
+        else:
+            lines.append(f"| {label} | | | | | | | {goal} {t.get('error', t.get('skipped', 'not run'))} |")
+    d = results.get("diagnose_7b") or {}
+    lines += ["", "| diagnose | matrices | storage | generate (s) | diagnose (s) | matrices/s | check max rel err | goal |",
+              "|---|---|---|---|---|---|---|---|"]
+    if "diagnose_s" in d:
+        errs = (d.get("check") or {}).get("max_rel_err") or {}
+        err = max(errs.values()) if errs else None
+        lines.append(f"| Llama-2-7B-shaped pair, made on device | {d['matrices']} | {d['storage_dtype']} | "
+                     f"{d['generate_s']:.1f} | {d['diagnose_s']:.1f} | {_fmt(d['matrices_per_s'])} | "
+                     f"{_fmt(err, '.1e')} | < 60 s |")
+    else:
+        lines.append(f"| Llama-2-7B-shaped pair | | | | | | | < 60 s {d.get('error', d.get('skipped', 'not run'))} |")
+    g = results.get("goals", {})
+    lines += ["", f"Goals: MFU >= 40% at 1B: {g.get('mfu_1b_ge_40pct')}; 7B pair < 60 s: "
+                  f"{g.get('diagnose_7b_lt_60s')} (None = not measured)."]
+    if results.get("errors"):
+        lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in results["errors"].items())]
+    lines.append(f"\nWall time of the whole script: {results.get('elapsed_s', 0):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def save(results: dict, out: Path) -> None:
+    from bshadow_jax.fileio import atomic_write_json, atomic_write_text
+
+    results["goals"] = goals(results)
+    atomic_write_json(out / "gpu_bench.json", results)
+    atomic_write_text(out / "gpu_bench.md", markdown(results))
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "gpu_out"),
+                    help="folder for gpu_bench.json and gpu_bench.md (default: $OUT, else benchmarks/gpu_out)")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list out of {','.join(SECTIONS)}")
+    ap.add_argument("--time-limit", type=float, default=480.0,
+                    help="wall seconds for the whole script: sections that cannot start in time are skipped")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-135m", type=int, default=4, help="sequences per step (halved on out-of-memory)")
+    ap.add_argument("--batch-1b", type=int, default=2, help="sequences per step (halved on out-of-memory)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per model (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling first step")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--roofline-n", type=int, default=8192)
+    ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
+                    help="spec peak the MFU is quoted against (H200 dense bf16: 989)")
+    ap.add_argument("--diag-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="storage dtype of the generated pair (diagnose upcasts to float32 per stack)")
+    ap.add_argument("--diag-budget-mb", type=float, default=4096.0, help="diagnose(budget_mb=...): stack size")
+    ap.add_argument("--diag-matmul-precision", default="highest",
+                    choices=("default", "highest", "float32", "tensorfloat32"),
+                    help="jax.default_matmul_precision around diagnose. 'highest' (the default) keeps float32 "
+                         "Grams float32 on GPUs, where jax's own default rounds float32 dot inputs to TF32; "
+                         "'default' times the library exactly as it is")
+    ap.add_argument("--diag-check", type=int, default=2, help="matrices checked against scipy svdvals (0-3)")
+    args = ap.parse_args(argv)
+    bad = [s for s in args.sections.split(",") if s and s not in SECTIONS]
+    if bad:
+        ap.error(f"--sections: unknown {bad}; choose from {list(SECTIONS)}")
+    if args.tiny:
+        args.seq_len = min(args.seq_len, 64)
+        args.batch_135m = args.batch_1b = 8
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+        args.roofline_n = min(args.roofline_n, 256)
+        args.diag_budget_mb = min(args.diag_budget_mb, 64.0)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import jax
+
+    sections = [s for s in args.sections.split(",") if s]
+    results: dict = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "tiny": bool(args.tiny),
+        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+        "args": vars(args),
+        "machine": machine_info(),
+        "peak_tflops_spec": args.peak_tflops,
+        "goals_wanted": {"mfu_1b": GOAL_MFU_1B, "diagnose_7b_s": GOAL_DIAG_7B_S},
+        "errors": {},
+    }
+    log(f"devices: {jax.devices()}; sections {sections}; time limit {args.time_limit:.0f} s; out {out}")
+    save(results, out)
+
+    def remaining() -> float:
+        return args.time_limit - (time.perf_counter() - t_start)
+
+    def run_section(name: str, fn) -> None:
+        if name not in sections:
+            return
+        need = 0 if args.tiny else MIN_SECONDS[name]
+        if remaining() < need:
+            results[name] = {"skipped": f"time limit ({remaining():.0f} s left, {need} s needed)"}
+            log(f"{name}: skipped, {remaining():.0f} s left")
+        else:
+            t = time.perf_counter()
+            try:
+                results[name] = fn()
+                results[name]["section_s"] = time.perf_counter() - t
+            except Exception as e:  # one section failing must not lose the others
+                traceback.print_exc()
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                results[name] = {"error": msg, "section_s": time.perf_counter() - t}
+                results["errors"][name] = msg
+            gc.collect()
+        results["elapsed_s"] = time.perf_counter() - t_start
+        save(results, out)
+
+    run_section("roofline", lambda: matmul_roofline(args.roofline_n))
+    roof = (results.get("roofline") or {}).get("tflops")
+    if roof:
+        log(f"roofline: {roof:.1f} TFLOP/s ({args.roofline_n}^3 bf16 matmul); spec peak {args.peak_tflops}")
+
+    def train_section(name: str) -> None:
+        model, batch = {"train_135m": (TINY_MODEL if args.tiny else SMOLLM2_135M, args.batch_135m),
+                        "train_1b": (TINY_MODEL if args.tiny else LLAMA32_1B, args.batch_1b)}[name]
+        run_section(name, lambda: bench_train(
+            model, batch=batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+            compute_dtype=args.compute_dtype, roofline_tflops=roof, peak_tflops=args.peak_tflops))
+        t = results.get(name) or {}
+        if "tokens_per_s" in t:
+            goal = f" (goal >= {GOAL_MFU_1B:.0%})" if name == "train_1b" else ""
+            log(f"{name}: {t['params_total'] / 1e6:.1f}M params, batch {t['batch']}x{t['seq_len']}, step "
+                f"{t['step_s_median'] * 1e3:.1f} ms, {t['tokens_per_s']:,.0f} tokens/s, {t['achieved_tflops']:.1f} "
+                f"TFLOP/s, MFU {t['mfu_spec']:.1%} of spec{goal}, {_fmt(t['mfu_roofline'], pct=True)} of roofline "
+                f"(first step {t['first_step_s']:.1f} s, loss {t['loss_first']:.3f} -> {t['loss_last']:.3f})")
+
+    def diagnose_section() -> None:
+        run_section("diagnose_7b", lambda: bench_diagnose(
+            TINY_PAIR if args.tiny else LLAMA2_7B, dtype_name=args.diag_dtype, budget_mb=args.diag_budget_mb,
+            precision=args.diag_matmul_precision, check=args.diag_check))
+        d = results.get("diagnose_7b") or {}
+        if "diagnose_s" in d:
+            log(f"diagnose_7b: {d['matrices']} matrices in {d['diagnose_s']:.1f} s (goal < {GOAL_DIAG_7B_S:.0f} s), "
+                f"generation {d['generate_s']:.1f} s, recomputed exactly {d['recomputed_exact']}, "
+                f"check max rel err {json.dumps(d['check'].get('max_rel_err'))}")
+
+    for name in SECTIONS[1:]:
+        if name == "diagnose_7b":
+            diagnose_section()
+        else:
+            train_section(name)
+
+    results["elapsed_s"] = time.perf_counter() - t_start
+    save(results, out)
+    log(f"goals: {results['goals']}; wrote {out / 'gpu_bench.json'} and {out / 'gpu_bench.md'}")
+    print(markdown(results))
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
