@@ -237,7 +237,8 @@ class GGUFFile:
         n_head, n_head_kv = self._n_heads()
         n_layers = need("block_count")
         blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, self._gguf_names.values()) if m}
-        if blocks != set(range(n_layers)):
+        # compare sizes first: block_count comes from the file and must not size an allocation
+        if len(blocks) != n_layers or blocks != set(range(len(blocks))):
             raise UserError(
                 f"{self.path}: metadata {self.arch}.block_count = {n_layers} but the file has tensors for "
                 f"{len(blocks)} blocks" + (f" (0..{max(blocks)})" if blocks else "")
