@@ -1,0 +1,54 @@
+"""Parameter-space diagnostics: spectral and rank metrics of weights and fine-tuning deltas.
+
+    from bshadow_jax import diagnostics
+    m = diagnostics.spectral_metrics(sv)                  # dict of scalars, jittable/vmappable
+    res = diagnostics.diagnose(base_params, tuned_params) # DiagnoseResult(rows, summary, spectra)
+    diagnostics.write_diagnose_outputs(res, "out/")       # metrics.csv, summary.json, report.md + PNGs
+
+    @diagnostics.register_metric("top1_share")            # jitted, vmapped, sharded for you
+    def top1_share(sv):
+        return sv[0] ** 2 / jnp.maximum(jnp.sum(sv ** 2), 1e-30)
+
+Attributes load lazily: `bshadow --help` imports this package without importing jax.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "spectral_metrics": "bshadow_jax.diagnostics.spectral",
+    "spectral_metrics_stack": "bshadow_jax.diagnostics.spectral",
+    "SV_METRICS": "bshadow_jax.diagnostics.spectral",
+    "register_metric": "bshadow_jax.diagnostics.registry",
+    "unregister_metric": "bshadow_jax.diagnostics.registry",
+    "temporary_metric": "bshadow_jax.diagnostics.registry",
+    "registered_metrics": "bshadow_jax.diagnostics.registry",
+    "parse_name": "bshadow_jax.diagnostics.footprint",
+    "register_name_rule": "bshadow_jax.diagnostics.footprint",
+    "NameRule": "bshadow_jax.diagnostics.footprint",
+    "NAME_RULES": "bshadow_jax.diagnostics.footprint",
+    "COMPONENT_RULES": "bshadow_jax.diagnostics.footprint",
+    "footprint_stats": "bshadow_jax.diagnostics.footprint",
+    "diagnose": "bshadow_jax.diagnostics.run",
+    "diagnose_checkpoints": "bshadow_jax.diagnostics.run",
+    "spectrum": "bshadow_jax.diagnostics.run",
+    "write_diagnose_outputs": "bshadow_jax.diagnostics.run",
+    "write_spectrum_outputs": "bshadow_jax.diagnostics.run",
+    "write_outputs": "bshadow_jax.diagnostics.run",
+    "DiagnoseResult": "bshadow_jax.diagnostics.run",
+    "SpectrumResult": "bshadow_jax.diagnostics.run",
+    "pair_stack": "bshadow_jax.diagnostics.compute",
+    "single_stack": "bshadow_jax.diagnostics.compute",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bshadow_jax.diagnostics' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

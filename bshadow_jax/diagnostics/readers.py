@@ -1,0 +1,264 @@
+"""Tensor sources for the diagnostics and the plan that streams them as same-shape stacks.
+
+Checkpoint files are read through bshadow_jax.models.sources.open_checkpoint (safetensors
+single/sharded, GGUF, orbax): tensor by tensor, never a whole checkpoint. In-memory pytrees
+(nested dicts or flat name -> array dicts) go through DictSource with the same interface.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import re
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from bshadow_jax.diagnostics import footprint
+from bshadow_jax.errors import UserError
+
+
+def flatten_pytree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (HF-style layout) -> {"a.b.c": array}; flat dicts pass through."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                out.update(flatten_pytree(v, name))
+            elif isinstance(v, (list, tuple)):
+                for i, item in enumerate(v):
+                    out.update(flatten_pytree({str(i): item}, name))
+            else:
+                out[name] = v
+        return out
+    raise TypeError(f"expected a dict of arrays, got {type(tree).__name__}")
+
+
+class DictSource:
+    """An in-memory pytree behind the CheckpointSource interface."""
+
+    kind = "memory"
+
+    def __init__(self, params: Any, path: str = "<memory>"):
+        self.path = path
+        self._flat = flatten_pytree(params)
+
+    def names(self) -> list[str]:
+        return list(self._flat)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(np.shape(self._flat[name]))
+
+    def dtype(self, name: str) -> str:
+        return str(getattr(self._flat[name], "dtype", np.asarray(self._flat[name]).dtype))
+
+    def read(self, name: str) -> np.ndarray:
+        x = self._flat[name]
+        x = np.asarray(x.astype("float32") if hasattr(x, "astype") and "float" not in str(x.dtype) else x)
+        return x.astype(np.float32, copy=False)
+
+    def config(self):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@contextlib.contextmanager
+def open_source(path_or_params: Any) -> Iterator[Any]:
+    """A checkpoint path (through models.sources) or an in-memory pytree."""
+    if isinstance(path_or_params, (str, bytes)) or hasattr(path_or_params, "__fspath__"):
+        try:
+            from bshadow_jax.models.sources import open_checkpoint
+        except ImportError:  # pragma: no cover - until the GGUF helper's module lands
+            raise UserError(f"{path_or_params}: checkpoint readers are not available (models.sources missing)")
+        with open_checkpoint(path_or_params) as src:
+            yield src
+    elif hasattr(path_or_params, "names") and hasattr(path_or_params, "read"):
+        yield path_or_params
+    else:
+        yield DictSource(path_or_params)
+
+
+# ------------------------------------------------------------------------------------------
+# Planning: which matrices, in which stacks
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    name: str  # row name (base name; "...[e]" for a slice of a 3-D tensor)
+    base_name: str | None
+    tuned_name: str | None
+    index: int | None  # slice of a 3-D tensor
+    shape: tuple  # (rows, cols) of the analysed matrix
+
+
+def _matrix_check(name: str, shape: tuple) -> str | None:
+    if len(shape) < 2:
+        return f"{len(shape)}-D tensor (not a matrix)"
+    if len(shape) > 3:
+        return f"{len(shape)}-D tensor (only matrices and stacks of matrices are analysed)"
+    if min(shape[-2:]) == 0:
+        return "empty matrix"
+    return None
+
+
+def _keep(name: str, include, exclude) -> bool:
+    if include is not None and not include.search(name):
+        return False
+    if exclude is not None and exclude.search(name):
+        return False
+    return True
+
+
+def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) -> tuple[list[Item], list[dict]]:
+    """Pair tensors by exact name (after --rename on tuned names); items in base order + skipped."""
+    rules = footprint.parse_rename(rename)
+    inc = footprint.compile_filter(include, "--include") if isinstance(include, (str, type(None))) else include
+    exc = footprint.compile_filter(exclude, "--exclude") if isinstance(exclude, (str, type(None))) else exclude
+    tuned_map: dict[str, str] = {}
+    for tn in tuned_src.names():
+        tuned_map.setdefault(footprint.apply_rename(tn, rules), tn)
+    items: list[Item] = []
+    skipped: list[dict] = []
+    seen = set()
+    for bn in base_src.names():
+        seen.add(bn)
+        if not _keep(bn, inc, exc):
+            continue
+        bshape = tuple(base_src.shape(bn))
+        why = _matrix_check(bn, bshape)
+        if why:
+            skipped.append({"name": bn, "reason": why})
+            continue
+        tn = tuned_map.get(bn)
+        if tn is None:
+            skipped.append({"name": bn, "reason": "missing in tuned"})
+            continue
+        tshape = tuple(tuned_src.shape(tn))
+        if tshape != bshape:
+            skipped.append({"name": bn, "reason": f"shape mismatch: base {list(bshape)} vs tuned {list(tshape)}"})
+            continue
+        if len(bshape) == 3:
+            for e in range(bshape[0]):
+                items.append(Item(f"{bn}[{e}]", bn, tn, e, bshape[1:]))
+        else:
+            items.append(Item(bn, bn, tn, None, bshape))
+    for name, tn in tuned_map.items():
+        if name not in seen and _keep(name, inc, exc):
+            skipped.append({"name": name if name == tn else f"{name} (tuned {tn})", "reason": "missing in base"})
+    return items, skipped
+
+
+def plan_single(src, *, include=None, exclude=None) -> tuple[list[Item], list[dict]]:
+    inc = footprint.compile_filter(include, "--include") if isinstance(include, (str, type(None))) else include
+    exc = footprint.compile_filter(exclude, "--exclude") if isinstance(exclude, (str, type(None))) else exclude
+    items, skipped = [], []
+    for n in src.names():
+        if not _keep(n, inc, exc):
+            continue
+        shape = tuple(src.shape(n))
+        why = _matrix_check(n, shape)
+        if why:
+            skipped.append({"name": n, "reason": why})
+        elif len(shape) == 3:
+            items.extend(Item(f"{n}[{e}]", n, None, e, shape[1:]) for e in range(shape[0]))
+        else:
+            items.append(Item(n, n, None, None, shape))
+    return items, skipped
+
+
+def chunk_items(items: Sequence[Item], *, budget_mb: float, n_devices: int = 1, per_matrix_copies: int = 3
+                ) -> list[list[Item]]:
+    """Group by shape (first-seen order), then cut each group into chunks within the budget."""
+    groups: dict[tuple, list[Item]] = {}
+    for it in items:
+        groups.setdefault(tuple(it.shape), []).append(it)
+    chunks = []
+    budget = max(1.0, float(budget_mb)) * 2**20
+    for shape, group in groups.items():
+        per = shape[0] * shape[1] * 4 * per_matrix_copies
+        size = max(1, int(budget // per))
+        # balanced chunks: the tail is padded up to the common size, so one compile per shape
+        n_chunks = -(-len(group) // size)
+        size = -(-len(group) // n_chunks)
+        for i in range(0, len(group), size):
+            chunks.append(group[i:i + size])
+    return chunks
+
+
+def chunk_pad_size(chunk_len: int, first_len: int, n_devices: int) -> int:
+    """Stack size a chunk is padded to: its group's first chunk size, rounded up to the mesh."""
+    size = max(chunk_len, first_len)
+    return -(-size // n_devices) * n_devices
+
+
+def _read_matrix(src, name: str, index: int | None, cache: dict) -> np.ndarray:
+    if index is None:
+        x = src.read(name)
+    else:
+        if name not in cache:
+            cache.clear()  # at most one 3-D tensor resident per side
+            cache[name] = src.read(name)
+        x = cache[name][index]
+    return np.asarray(x, dtype=np.float32)
+
+
+def load_chunk(chunk: Sequence[Item], *sources) -> tuple[list[np.ndarray], np.ndarray]:
+    """Stacked float32 arrays (one per source) and a finite mask; non-finite slices are zeroed."""
+    stacks = []
+    finite = np.ones(len(chunk), bool)
+    for si, src in enumerate(sources):
+        cache: dict = {}
+        m, n = chunk[0].shape
+        out = np.empty((len(chunk), m, n), np.float32)
+        for i, it in enumerate(chunk):
+            name = it.base_name if si == 0 else it.tuned_name
+            try:
+                x = _read_matrix(src, name, it.index, cache)
+            except UserError:
+                raise
+            except Exception as e:  # a reader failing on one tensor names it
+                raise UserError(f"{getattr(src, 'path', '?')}: tensor {name}: cannot read ({type(e).__name__}: {e})") from e
+            if x.shape != (m, n):
+                raise UserError(f"{getattr(src, 'path', '?')}: tensor {name}: read shape {x.shape} != {(m, n)}")
+            out[i] = x
+            if not np.isfinite(out[i]).all():
+                finite[i] = False
+        stacks.append(out)
+    for s in stacks:
+        s[~finite] = 0.0
+    return stacks, finite
+
+
+def iter_chunks(chunks: Sequence[Sequence[Item]], *sources) -> Iterator[tuple[Sequence[Item], list, np.ndarray]]:
+    """Yield loaded chunks, reading the next one in a background thread while the caller computes."""
+    if not chunks:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
+        fut = ex.submit(load_chunk, chunks[0], *sources)
+        for i, chunk in enumerate(chunks):
+            stacks, finite = fut.result()
+            if i + 1 < len(chunks):
+                fut = ex.submit(load_chunk, chunks[i + 1], *sources)
+            yield chunk, stacks, finite
+            del stacks
+
+
+def row_labels(item: Item) -> dict:
+    """name/component/layer/module/expert/rows/cols of one analysed matrix."""
+    p = footprint.parse_name(item.base_name or item.name)
+    expert = item.index if item.index is not None else p["expert"]
+    return {
+        "name": item.name,
+        "component": p["component"],
+        "layer": p["layer"],
+        "module": p["module"],
+        "expert": expert,
+        "rows": int(item.shape[0]),
+        "cols": int(item.shape[1]),
+    }

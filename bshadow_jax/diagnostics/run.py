@@ -1,0 +1,311 @@
+"""diagnose / spectrum pipelines (in-memory pytrees or streamed checkpoints) and their CLI handlers."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bshadow_jax import fileio
+from bshadow_jax.diagnostics import compute, footprint, readers, registry
+from bshadow_jax.diagnostics.spectral import SV_METRICS
+from bshadow_jax.errors import UserError
+
+ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
+DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
+DIAGNOSE_COLS = ("base_fro", "delta_fro", "rel_delta") + DELTA_SV_COLS + ("energy_share", "base_overlap", "intruder_count")
+WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted")
+SPECTRUM_COLS = SV_METRICS + WW_COLS
+INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count"}
+
+
+@dataclasses.dataclass
+class DiagnoseResult:
+    rows: list[dict]
+    summary: dict
+    spectra: dict  # row name -> singular values of the delta (descending, numpy)
+
+
+@dataclasses.dataclass
+class SpectrumResult:
+    rows: list[dict]
+    summary: dict
+    spectra: dict  # row name -> singular values of the weight
+
+
+def _num(x, col):
+    v = float(x)
+    if col in INT_COLS and math.isfinite(v):
+        return int(round(v))
+    return v
+
+
+def _progress(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
+    return tqdm(total=total, disable=disable, unit="matrix", desc=desc, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------
+# diagnose
+# ------------------------------------------------------------------------------------------
+
+def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), include=None, exclude=None,
+                      method="auto", budget_mb=512.0, progress=None, eig_backend="auto") -> DiagnoseResult:
+    if int(topk) < 1:
+        raise UserError(f"--topk {topk}: must be at least 1")
+    items, skipped = readers.plan_pairs(base_src, tuned_src, rename=rename, include=include, exclude=exclude)
+    bpath, tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
+    if not items:
+        filt = " (after --include/--exclude)" if include or exclude else ""
+        raise UserError(f"{bpath} vs {tpath}: no matrix in common{filt}")
+    mesh = compute.default_mesh(mesh)
+    nd = compute.mesh_size(mesh)
+    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=6)
+    first_len: dict[tuple, int] = {}
+    for c in chunks:
+        first_len.setdefault(tuple(c[0].shape), len(c))
+    user_cols = [f"delta_{m.name}" for m in registry.registered_metrics()]
+    metric_cols = list(DIAGNOSE_COLS) + user_cols
+    rows, spectra = [], {}
+    redo_sv = redo_intr = 0
+    with _progress(len(items), progress, "diagnose") as bar:
+        for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src):
+            pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
+            res = compute.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            redo_sv += int(np.sum(res.get("_redo_sv", [])))
+            redo_intr += int(np.sum(res.get("_redo_intruders", [])))
+            for i, it in enumerate(chunk):
+                if not finite[i]:
+                    skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
+                    continue
+                row = readers.row_labels(it)
+                for c in metric_cols:
+                    if c in res:
+                        row[c] = _num(res[c][i], c)
+                rows.append(row)
+                spectra[it.name] = np.asarray(res["sv"][i])
+            bar.update(len(chunk))
+    if not rows:
+        raise UserError(f"{bpath} vs {tpath}: no comparable matrix (all {len(skipped)} candidates skipped)")
+    energy = np.array([r["delta_fro"] ** 2 for r in rows], np.float64)
+    total = float(energy.sum())
+    for r, e in zip(rows, energy):
+        r["energy_share"] = float(e / total) if total > 0 else 0.0
+    cols = list(ID_COLS) + [c for c in metric_cols]
+    for r in rows:  # fixed column order
+        for c in cols:
+            r.setdefault(c, None)
+    group_cols = [c for c in metric_cols if c != "energy_share"]
+    fp = footprint.footprint_stats([r["energy_share"] for r in rows])
+    fp["total_delta_energy"] = total
+    summary = {
+        "kind": "diagnose",
+        "base": str(bpath),
+        "tuned": str(tpath),
+        "topk": int(topk),
+        "method": method,
+        "matrices": len(rows),
+        "columns": cols,
+        "footprint": fp,
+        "by_layer": footprint.group_means(rows, "layer", group_cols),
+        "by_module": footprint.group_means(rows, "module", group_cols),
+        "by_component": footprint.group_means(rows, "component", group_cols),
+        "skipped": skipped,
+        "recomputed_exact": {"singular_values": redo_sv, "intruders": redo_intr},
+    }
+    return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=spectra)
+
+
+def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, rename=(), include=None,
+             exclude=None, method: str = "auto", budget_mb: float = 512.0, progress=False,
+             eig_backend: str = "auto") -> DiagnoseResult:
+    """Delta metrics of two in-memory parameter pytrees (nested or flat dicts of arrays)."""
+    return _diagnose_sources(readers.DictSource(base_params, "<base>"), readers.DictSource(tuned_params, "<tuned>"),
+                             topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
+                             method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
+
+
+def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
+    """diagnose() streaming two checkpoints (paths) tensor by tensor."""
+    with readers.open_source(base_path) as b, readers.open_source(tuned_path) as t:
+        return _diagnose_sources(b, t, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# spectrum
+# ------------------------------------------------------------------------------------------
+
+def _ww(sv) -> dict:
+    try:
+        from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
+    except ImportError:  # pragma: no cover - DIAG-REPORT's module
+        return {c: float("nan") for c in WW_COLS}
+    m = ww_metrics_from_sv(np.asarray(sv, np.float64))
+    return {c: float(m[c]) for c in WW_COLS}
+
+
+def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, method="auto", budget_mb=512.0,
+                     progress=None, eig_backend="auto") -> SpectrumResult:
+    if int(topk) < 1:
+        raise UserError(f"--topk {topk}: must be at least 1")
+    items, skipped = readers.plan_single(src, include=include, exclude=exclude)
+    path = getattr(src, "path", "<memory>")
+    if not items:
+        raise UserError(f"{path}: no matrix to analyse")
+    mesh = compute.default_mesh(mesh)
+    nd = compute.mesh_size(mesh)
+    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=2)
+    first_len: dict[tuple, int] = {}
+    for c in chunks:
+        first_len.setdefault(tuple(c[0].shape), len(c))
+    user_cols = [m.name for m in registry.registered_metrics()]
+    metric_cols = list(SPECTRUM_COLS) + user_cols
+    rows, spectra = [], {}
+    with _progress(len(items), progress, "spectrum") as bar:
+        for chunk, (w,), finite in readers.iter_chunks(chunks, src):
+            pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
+            res = compute.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            for i, it in enumerate(chunk):
+                if not finite[i]:
+                    skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
+                    continue
+                row = readers.row_labels(it)
+                for c in metric_cols:
+                    if c in res:
+                        row[c] = _num(res[c][i], c)
+                row.update(_ww(res["sv"][i]))
+                rows.append(row)
+                spectra[it.name] = np.asarray(res["sv"][i])
+            bar.update(len(chunk))
+    if not rows:
+        raise UserError(f"{path}: no analysable matrix (all {len(skipped)} candidates skipped)")
+    cols = list(ID_COLS) + metric_cols
+    summary = {
+        "kind": "spectrum",
+        "checkpoint": str(path),
+        "topk": int(topk),
+        "method": method,
+        "matrices": len(rows),
+        "columns": cols,
+        "by_layer": footprint.group_means(rows, "layer", metric_cols),
+        "by_module": footprint.group_means(rows, "module", metric_cols),
+        "by_component": footprint.group_means(rows, "component", metric_cols),
+        "skipped": skipped,
+    }
+    return SpectrumResult(rows=[{c: r.get(c) for c in cols} for r in rows], summary=summary, spectra=spectra)
+
+
+def spectrum(params_or_path: Any, **kw) -> SpectrumResult:
+    """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint."""
+    with readers.open_source(params_or_path) as src:
+        return _spectrum_source(src, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating,)):
+        return _finite_or_none(float(obj))
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def rows_to_csv(rows: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in cols])
+    return buf.getvalue()
+
+
+def _write_report(tmp: Path, result, kind: str) -> None:
+    try:
+        from bshadow_jax.diagnostics.report import write_report
+    except ImportError:  # pragma: no cover - DIAG-REPORT's module
+        fileio.atomic_write_text(tmp / "report.md", f"# {kind}\n\n{result.summary.get('matrices')} matrices analysed.\n")
+        return
+    write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
+
+
+def write_outputs(result, out_dir) -> Path:
+    """metrics.csv, summary.json and report (md + PNG) into out_dir, atomically."""
+    kind = result.summary.get("kind", "diagnose")
+    out = fileio.check_output_dir(out_dir)
+    with fileio.atomic_output_dir(out) as tmp:
+        fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"]))
+        fileio.atomic_write_json(tmp / "summary.json", _finite_or_none(result.summary))
+        _write_report(tmp, result, kind)
+    return Path(out)
+
+
+write_diagnose_outputs = write_outputs
+write_spectrum_outputs = write_outputs
+
+
+# ------------------------------------------------------------------------------------------
+# CLI handlers (argument definitions: diagnostics/cli.py)
+# ------------------------------------------------------------------------------------------
+
+def _check_inputs(*paths) -> None:
+    from bshadow_jax.errors import refuse_pickle
+
+    for p in paths:
+        refuse_pickle(p)
+        if not os.path.exists(p):
+            raise UserError(f"{p}: no such file or folder")
+
+
+def _enable_compile_cache() -> None:
+    # one compile per stack shape; the persistent cache saves it across runs on the same shapes
+    try:
+        import jax
+
+        cache = os.environ.get("BSHADOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax_compile"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # pragma: no cover - a cache is an optimisation only
+        pass
+
+
+def diagnose_cli(args) -> int:
+    fileio.check_output_dir(args.out)
+    _check_inputs(args.base, args.tuned)
+    if args.batch_budget_mb <= 0:
+        raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
+    _enable_compile_cache()
+    res = diagnose_checkpoints(args.base, args.tuned, topk=args.topk, rename=args.rename, include=args.include,
+                               exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None)
+    write_outputs(res, args.out)
+    fp = res.summary["footprint"]
+    print(f"{args.out}: {len(res.rows)} matrices, {len(res.summary['skipped'])} skipped; footprint entropy "
+          f"{fp['entropy']:.3f}, gini {fp['gini']:.3f}, matrices_for_90pct {fp['matrices_for_90pct']:.3f}")
+    return 0
+
+
+def spectrum_cli(args) -> int:
+    fileio.check_output_dir(args.out)
+    _check_inputs(args.ckpt)
+    if args.batch_budget_mb <= 0:
+        raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
+    _enable_compile_cache()
+    res = spectrum(args.ckpt, topk=args.topk, include=args.include, exclude=args.exclude,
+                   budget_mb=args.batch_budget_mb, progress=None)
+    write_outputs(res, args.out)
+    print(f"{args.out}: {len(res.rows)} matrices, {len(res.summary['skipped'])} skipped")
+    return 0
