@@ -73,7 +73,7 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
         if not path.is_dir():
             raise UserError(f"{path}: tokenizer folder not found (data.tokenizer)")
         try:
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # tokenizers/transformers raise KeyError, plain Exception, ... on damaged files
             msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             raise UserError(f"{path}: not a Hugging Face tokenizer folder ({type(e).__name__}: {msg})") from None
@@ -87,7 +87,7 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
     folder = cache_dir() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name}-{key}"
     if (folder / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # a damaged cache (disk filled up, killed writer): train it again
             log.warning("tokenizer: cached %s unreadable (%s); training it again", folder, type(e).__name__)
     from bshadow_jax.fileio import atomic_output_dir
@@ -100,7 +100,7 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
     except OSError as e:
         log.warning("tokenizer: cannot cache %s (%s); using it uncached", folder, e.strerror or type(e).__name__)
         return tok
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -370,12 +370,12 @@ def gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
     cached = _tokenizer_cache_dir(path) if cache else None
     if cached is not None and (cached / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(cached))
+            return AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
         except Exception:  # a damaged cache entry is rebuilt below
             pass
     folder, name = os.path.split(os.path.abspath(path))
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     except Exception as e:
         raise UserError(f"{path}: cannot build a tokenizer from the GGUF metadata ({_one_line(e)})") from None
     if cached is not None:

@@ -173,7 +173,7 @@ def _read_config(folder: Path) -> LlamaConfig:
         from transformers import AutoConfig
 
         # no trust_remote_code: only the built-in llama/qwen2/mistral classes
-        hf_config = AutoConfig.from_pretrained(str(folder))
+        hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds for a bad config
         raise UserError(f"{config_path}: transformers could not read it ({type(e).__name__}: {e})") from None
     try:
