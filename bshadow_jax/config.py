@@ -8,7 +8,9 @@ built into a dataclass tree. Unknown keys, wrong types and bad values raise
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,19 @@ from bshadow_jax.errors import ConfigError
 
 T = TypeVar("T")
 
+# PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string, not a float: accept such
+# plain decimal strings for numeric fields so `lr: 3e-4` and `optim.lr=1e-4` just work.
+_NUMBER_RE = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_number(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
+        if value.strip().lstrip("+-").isdigit():
+            return int(value)
+        number = float(value)
+        return number if math.isfinite(number) else value
+    return value
+
 
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
@@ -30,6 +45,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{p}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -46,7 +65,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -118,15 +137,24 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        value = _as_number(value)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        value = _as_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            raise ConfigError(f"{where}: {value} is too large") from None
+        # No setting means anything with NaN or infinity; they only surface later as NaN losses.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -143,7 +171,8 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    # YAML keys need not be strings (`1: x`, `null: x`); sort by text so mixed keys compare.
+    unknown = sorted(set(data) - set(fields), key=repr)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {}

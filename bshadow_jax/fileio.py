@@ -15,27 +15,73 @@ from typing import Any, Iterator
 from bshadow_jax.errors import UserError
 
 
+_NAME_MAX = 255  # bytes per path component on Linux/macOS file systems
+
+
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     """Join user- or file-controlled names under `root`, refusing anything that escapes it."""
-    root_path = Path(root).resolve()
-    candidate = root_path.joinpath(*parts).resolve()
+    shown = "/".join(str(p) for p in parts)
+    for part in parts:
+        # os.path raises ValueError on NUL and the OS refuses over-long components later with
+        # an OSError; both would surface as internal errors, so refuse them here by name.
+        if "\0" in str(part):
+            raise UserError(f"{shown!r}: name contains a NUL byte")
+        if any(len(c.encode("utf-8", "surrogateescape")) > _NAME_MAX for c in str(part).split("/")):
+            raise UserError(f"{shown[:80]}...: a path component is longer than {_NAME_MAX} bytes")
+    try:
+        root_path = Path(root).resolve()
+        candidate = root_path.joinpath(*parts).resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops
+        raise UserError(f"{shown}: cannot resolve under {root} ({e})") from None
     if candidate != root_path and root_path not in candidate.parents:
-        raise UserError(f"{'/'.join(parts)}: path escapes the output folder {root_path}")
+        raise UserError(f"{shown}: path escapes the output folder {root_path}")
     return candidate
 
 
 def sanitize_filename(name: str, max_len: int = 120) -> str:
-    """A tensor name turned into one harmless path component."""
-    cleaned = "".join(c if (c.isalnum() or c in "._-") else "_" for c in name)
+    """A tensor name turned into one harmless path component.
+
+    ASCII only: `str.isalnum` accepts 4-byte characters, so a 120-character name could
+    exceed the 255-byte component limit, and lookalike characters make confusing files.
+    """
+    cleaned = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in name)
     cleaned = cleaned.lstrip(".") or "_"
-    return cleaned[:max_len]
+    return cleaned[: max(1, min(max_len, _NAME_MAX))]
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
     out_path = Path(out)
+    if "\0" in str(out_path):
+        raise UserError(f"{str(out_path)!r}: output path contains a NUL byte")
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"{out_path}: output path exists and is not a folder")
+    for parent in out_path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out_path}: {parent} is a file, not a folder")
+    try:
+        resolved = out_path.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:  # symlink loops, a deleted working folder
+        raise UserError(f"{out_path}: cannot resolve the output path ({e})") from None
+    # Replacing the output folder deletes what was there: never let that be the working
+    # folder, one of its parents, the home folder or the file system root.
+    protected = {Path(resolved.anchor), Path.home().resolve()}
+    if resolved in protected or resolved == cwd or resolved in cwd.parents:
+        raise UserError(f"{out}: refusing to replace this folder (it holds the working folder or is home/root); "
+                        "choose a new folder for --out")
     return out_path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_prefix(name: str) -> str:
+    # mkstemp/mkdtemp add ~8 characters; keep the whole temporary name under NAME_MAX bytes.
+    stem = name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return f".{stem}.tmp-"
 
 
 @contextlib.contextmanager
@@ -46,7 +92,9 @@ def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
     """
     out_path = check_output_dir(out).absolute()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_path.name), dir=out_path.parent))
+    # mkdtemp makes the folder 0700; the published output gets ordinary permissions.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -54,9 +102,16 @@ def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
         raise
     backup = None
     if out_path.exists():
-        backup = out_path.with_name(f".{out_path.name}.old-{os.getpid()}")
-        os.replace(out_path, backup)
-    os.replace(tmp, out_path)
+        backup = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out_path.name)[:-5] + ".old-", dir=out_path.parent))
+        os.replace(out_path, backup)  # a directory replaces an empty directory atomically
+    try:
+        os.replace(tmp, out_path)
+    except BaseException:
+        # Put the previous good output back rather than leave nothing at `out`.
+        if backup is not None:
+            os.replace(backup, out_path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
 
@@ -64,8 +119,10 @@ def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     try:
+        # mkstemp makes the file 0600; the published file gets ordinary permissions.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
