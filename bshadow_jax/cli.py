@@ -110,10 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     # No command reads stdin. Libraries that would ask on it (transformers asks "run the custom code
     # of this folder? [y/N]" for an auto_map in config/tokenizer files) must fail closed instead.
     saved_stdin, sys.stdin = sys.stdin, io.StringIO("")
+    saved_hook, saved_unraisable = sys.excepthook, sys.unraisablehook
+    if not debug:
+        sys.unraisablehook = lambda unraisable: None
+        # Library callbacks on background threads (tensorstore after a failed async save) print
+        # tracebacks through sys.excepthook and sys.unraisablehook; every error of the command itself is caught below
+        # and reported as one line, so those are noise unless --debug.
+        sys.excepthook = lambda *exc_info: None
     try:
         return _main(argv, debug)
     finally:
         sys.stdin = saved_stdin
+        sys.excepthook, sys.unraisablehook = saved_hook, saved_unraisable
 
 
 def _main(argv: list[str], debug: bool) -> int:
@@ -128,6 +136,8 @@ def _main(argv: list[str], debug: bool) -> int:
     except UserError as e:
         if debug:
             traceback.print_exc()
+        else:
+            _quiet_background_errors()
         return _fail(str(e))
     except OSError as e:
         if e.errno not in _USER_ERRNOS:
@@ -159,6 +169,18 @@ def _wrapped_errno(e: BaseException) -> int | None:
             return int(m.group(1))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _quiet_background_errors() -> None:
+    """After a reported failure, silence the tracebacks that library threads print while the
+    process winds down (orbax/tensorstore callbacks on a closed event loop after a failed save):
+    the user gets the one `error:` line. `--debug` keeps them."""
+    import logging
+    import threading
+
+    sys.excepthook = lambda *exc_info: None
+    threading.excepthook = lambda args: None
+    logging.disable(logging.CRITICAL)
 
 
 def _internal(e: BaseException, debug: bool) -> int:

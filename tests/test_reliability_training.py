@@ -310,8 +310,6 @@ def test_unwritable_checkpoint_folder_prints_no_traceback(unwritable):
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr, unwritable.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="disk full: orbax's save threads log ~24 tracebacks via absl before our error line, "
-                   "and the message is orbax's raw one; request TRAINING (requests.md, RELIABILITY -> TRAINING items 1-2)")
 def test_disk_full_prints_no_traceback():
     r = _STASH.get("disk_full")
     if r is None:

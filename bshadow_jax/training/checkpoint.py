@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -93,13 +94,20 @@ class RunCheckpointer:
         except Exception as e:  # orbax re-raises its writer threads' errors, sometimes wrapped
             os_err = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
             if os_err is None:
-                raise
+                # tensorstore reports write failures as ValueError("... [os_error_code='27'] ...")
+                code = re.search(r"os_error_code='(\d+)'", str(e))
+                if code is None:
+                    raise
+                os_err = OSError(int(code.group(1)), os.strerror(int(code.group(1))))
             try:
                 kept = self.manager.latest_step()
             except Exception:  # noqa: BLE001 - the folder itself may be the problem
                 kept = None
             what = f"the last complete checkpoint (step {kept}) is kept" if kept is not None else "no complete checkpoint yet"
             reason = os_err.strerror or str(os_err)
+            # an async save fails later, inside the next save or wait: name the step whose files failed
+            failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+            step = int(failed.group(1)) if failed else step
             raise UserError(
                 f"{self.directory}: saving step {step} failed ({reason}); {what}; fix the disk or folder and "
                 "rerun the same command to resume"
