@@ -1,0 +1,476 @@
+"""report.md and PNG figures for `bshadow diagnose` and `bshadow spectrum` (DESIGN.md).
+
+Figures use matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so
+writing a report never touches a user's interactive session. Every figure and report.md is
+written atomically. Inputs may be degenerate (no rows, one layer, no layer ids, several
+components, MoE experts, values read back from CSV as strings): nothing here raises on them.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from bshadow_jax.fileio import atomic_write_bytes, atomic_write_text
+
+# Canonical column order for the heatmaps; other modules follow alphabetically.
+MODULE_ORDER = (
+    "embed", "q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "o_proj", "out_proj", "c_proj",
+    "gate_proj", "up_proj", "gate_up_proj", "down_proj", "c_fc", "fc1", "fc2", "lm_head",
+)
+TOP_SPECTRA = 8
+TOP_TABLE = 10
+
+FIG_ENERGY = "heatmap_energy_share.png"
+FIG_ERANK = "heatmap_effective_rank.png"
+FIG_SPECTRA = "spectra_top.png"
+FIG_FOOTPRINT = "footprint_curve.png"
+FIG_ALPHA = "alpha_hist.png"
+
+
+# ------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------
+
+def _num(v: Any) -> float:
+    """float of a row value (CSV strings, None, numpy scalars); NaN when absent/unparsable."""
+    if v is None or v == "":
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _layer(v: Any) -> int | None:
+    f = _num(v)
+    return int(f) if math.isfinite(f) else None
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, str):
+        return _cell(v)
+    f = _num(v)
+    if math.isnan(f):
+        return "–"
+    if f == int(f) and abs(f) < 1e9:
+        return str(int(f))
+    return f"{f:.{digits}g}"
+
+
+def _cell(s: Any) -> str:
+    """Markdown-table-safe text (tensor names may contain anything)."""
+    return str(s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
+
+
+def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return lines
+
+
+def _module_key(m: str) -> tuple:
+    return (MODULE_ORDER.index(m), "") if m in MODULE_ORDER else (len(MODULE_ORDER), m)
+
+
+def _energy_shares(rows: Sequence[Mapping], kind: str) -> np.ndarray:
+    """energy_share column; for spectrum rows without it, the weights' own ‖W‖F² share."""
+    share = np.array([_num(r.get("energy_share")) for r in rows], dtype=np.float64)
+    if rows and np.all(np.isnan(share)):
+        col = "delta_fro" if kind == "diagnose" else "fro"
+        fro = np.array([_num(r.get(col)) for r in rows], dtype=np.float64)
+        e = np.where(np.isfinite(fro), fro * fro, 0.0)
+        share = e / e.sum() if e.sum() > 0 else np.zeros_like(e)
+    return np.where(np.isfinite(share), share, 0.0)
+
+
+def _footprint(shares: np.ndarray) -> dict:
+    """entropy / gini / matrices_for_90pct (DESIGN.md) when summary.json lacks them."""
+    n = shares.size
+    total = shares.sum()
+    if n == 0 or not total > 0:
+        return {"entropy": 0.0, "gini": 0.0, "matrices_for_90pct": 0.0}
+    s = shares / total
+    pos = s > 0
+    entropy = float(-np.sum(s[pos] * np.log(s[pos])) / math.log(n)) if n > 1 else 0.0
+    asc = np.sort(s)
+    i = np.arange(1, n + 1)
+    gini = float(np.sum((2 * i - n - 1) * asc) / (n * asc.sum()))
+    cum = np.cumsum(asc[::-1])
+    r = int(np.searchsorted(cum, 0.9 * (1 - 1e-12), side="left")) + 1
+    return {"entropy": entropy, "gini": gini, "matrices_for_90pct": min(r, n) / n}
+
+
+def _skipped_items(skipped: Any) -> list[tuple[str, str]]:
+    """(name, reason) pairs from a list of dicts/strings/pairs or a {name: reason} dict."""
+    out: list[tuple[str, str]] = []
+    if not skipped:
+        return out
+    if isinstance(skipped, Mapping):
+        for k, v in skipped.items():
+            if isinstance(v, (list, tuple)):  # {reason: [names]}
+                out += [(str(n), str(k)) for n in v]
+            else:
+                out.append((str(k), str(v)))
+        return out
+    for item in skipped:
+        if isinstance(item, Mapping):
+            out.append((str(item.get("name", item.get("tensor", "?"))), str(item.get("reason", "?"))))
+        elif isinstance(item, (list, tuple)) and len(item) >= 2:
+            out.append((str(item[0]), str(item[1])))
+        else:
+            out.append((str(item), "?"))
+    return out
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(out_dir / name, buf.getvalue())
+    return name
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h))
+
+
+# ------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------
+
+def layer_module_grid(rows: Sequence[Mapping], values: np.ndarray, *, reduce: str):
+    """(row labels, module labels, grid) with `reduce` ("sum"|"mean") over matrices per cell.
+
+    Rows are layers (prefixed by component when several components have layers, so a VLM's
+    vision tower and language model do not collide); matrices without a layer go to one
+    trailing row per component. MoE experts of one (layer, module) share a cell.
+    """
+    prefix = len({str(r.get("component") or "") for r in rows}) > 1
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    row_keys: set[tuple] = set()
+    modules: set[str] = set()
+    for r, v in zip(rows, values):
+        comp = str(r.get("component") or "")
+        layer = _layer(r.get("layer"))
+        module = str(r.get("module") or r.get("name") or "?")
+        # no layer: sort after every layer of its component
+        key = (comp, 0, layer) if layer is not None else (comp, 1, -1)
+        row_keys.add(key)
+        modules.add(module)
+        if math.isfinite(v):
+            cells[(key, module)].append(float(v))
+    ordered_rows = sorted(row_keys, key=lambda k: (k[0], k[1], k[2]))
+    ordered_mods = sorted(modules, key=_module_key)
+    grid = np.full((len(ordered_rows), len(ordered_mods)), np.nan)
+    for i, rk in enumerate(ordered_rows):
+        for j, m in enumerate(ordered_mods):
+            vals = cells.get((rk, m))
+            if vals:
+                grid[i, j] = float(np.sum(vals) if reduce == "sum" else np.mean(vals))
+
+    def label(k):
+        base = str(k[2]) if k[1] == 0 else "other"
+        return f"{k[0]}:{base}" if prefix else base
+
+    return [label(k) for k in ordered_rows], ordered_mods, grid
+
+
+def _heatmap(out_dir: Path, name: str, rows, values, *, reduce: str, title: str, cbar: str) -> str | None:
+    if not rows:
+        return None
+    row_labels, mod_labels, grid = layer_module_grid(rows, values, reduce=reduce)
+    nr, nc = grid.shape
+    fig = _figure(min(2.0 + 0.9 * nc, 24), min(1.6 + 0.28 * nr, 40))
+    ax = fig.add_subplot(1, 1, 1)
+    masked = np.ma.masked_invalid(grid)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    finite = grid[np.isfinite(grid)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if vmax <= vmin:
+        vmax = vmin + (abs(vmin) or 1.0) * 1e-6
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(nc), mod_labels, rotation=45, ha="right", fontsize=8)
+    step = max(1, nr // 40)
+    ax.set_yticks(range(0, nr, step), row_labels[::step], fontsize=7)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=cbar)
+    if nr * nc <= 160:  # small grids: print the numbers too
+        for i in range(nr):
+            for j in range(nc):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6,
+                            color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
+    return _save(fig, out_dir, name)
+
+
+def _spectra_figure(out_dir: Path, names: Sequence[str], spectra: Mapping[str, Any], kind: str) -> str | None:
+    curves = []
+    for n in names:
+        sv = np.asarray(spectra.get(n), dtype=np.float64).reshape(-1)
+        sv = np.sort(sv[np.isfinite(sv)])[::-1]
+        if sv.size:
+            curves.append((n, sv))
+    if not curves:
+        return None
+    fig = _figure(11, 4.2)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ax2 = fig.add_subplot(1, 2, 2)
+    for n, sv in curves:
+        short = n if len(n) <= 48 else "…" + n[-47:]
+        idx = np.arange(1, sv.size + 1)
+        pos = sv > 0
+        if pos.any():
+            ax1.loglog(idx[pos], sv[pos], lw=1.2, label=short)
+        e = sv * sv
+        tot = e.sum()
+        ax2.plot(idx, np.cumsum(e) / tot if tot > 0 else np.zeros_like(e), lw=1.2)
+    what = "ΔW" if kind == "diagnose" else "W"
+    ax1.set_xlabel("index i")
+    ax1.set_ylabel(f"σ_i of {what}")
+    ax1.set_title(f"singular values of the top matrices ({what})")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=6, loc="lower left")
+    ax2.set_xscale("log")
+    ax2.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax2.set_xlabel("index i")
+    ax2.set_ylabel("cumulative fraction of Σσ²")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("cumulative energy within each matrix")
+    return _save(fig, out_dir, FIG_SPECTRA)
+
+
+def _footprint_figure(out_dir: Path, shares: np.ndarray, frac90: float, kind: str) -> str | None:
+    n = shares.size
+    if n == 0 or not shares.sum() > 0:
+        return None
+    s = np.sort(shares / shares.sum())[::-1]
+    x = np.arange(1, n + 1) / n
+    fig = _figure(5.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.concatenate([[0], x]), np.concatenate([[0], np.cumsum(s)]), marker="." if n <= 60 else None,
+            lw=1.5, label="cumulative energy share")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="uniform")
+    ax.axhline(0.9, color="tab:red", lw=0.8, ls="--", label="90%")
+    if frac90 > 0:
+        ax.axvline(frac90, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"fraction of matrices (sorted by share, N={n})")
+    ax.set_ylabel("cumulative share of " + ("‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"))
+    ax.set_title(f"footprint curve: 90% in {frac90:.1%} of matrices")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out_dir, FIG_FOOTPRINT)
+
+
+def _alpha_figure(out_dir: Path, alphas: np.ndarray) -> str | None:
+    a = alphas[np.isfinite(alphas) & (alphas > 0)]  # WW reports -1 for a failed fit
+    if a.size == 0:
+        return None
+    fig = _figure(5.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(np.clip(a, 0, 20), bins=min(40, max(5, a.size // 2)), color="tab:blue", alpha=0.8)
+    for t in (2.0, 6.0):  # WW's over-/under-trained thresholds
+        ax.axvline(t, color="tab:red", ls="--", lw=0.8)
+    ax.set_xlabel("alpha (WeightWatcher power-law exponent, clipped at 20)")
+    ax.set_ylabel("matrices")
+    ax.set_title(f"alpha over {a.size} matrices (median {np.median(a):.2f})")
+    return _save(fig, out_dir, FIG_ALPHA)
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+def _group_table(rows, shares, key, metric_cols, precomputed) -> list[list[str]]:
+    """by_<key> rows: from summary.json when given, else aggregated from the rows."""
+    body = []
+    if isinstance(precomputed, Mapping) and precomputed:
+        for g, d in precomputed.items():
+            d = d if isinstance(d, Mapping) else {}
+            body.append([_cell(g), _fmt(d.get("matrices")), _fmt(d.get("energy_share"))]
+                        + [_fmt(d.get(c)) for c in metric_cols])
+        return body
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        v = r.get(key)
+        groups["none" if v is None or v == "" else str(v)].append(i)
+    order = _module_key if key == "module" else (lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k))
+    for g in sorted(groups, key=order):
+        idx = groups[g]
+        cols = []
+        for c in metric_cols:
+            vals = np.array([_num(rows[i].get(c)) for i in idx])
+            vals = vals[np.isfinite(vals)]
+            cols.append(_fmt(vals.mean()) if vals.size else "–")
+        body.append([_cell(g), str(len(idx)), _fmt(float(shares[idx].sum()))] + cols)
+    return body
+
+
+def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None,
+                 spectra: Mapping[str, Any] | None, *, kind: str = "diagnose", title: str | None = None) -> dict:
+    """Write ``report.md`` and its PNG figures into ``out_dir`` (created if needed).
+
+    rows: one dict per analysed matrix with the metrics.csv columns (name, component, layer,
+      module, expert, rows, cols, ... energy_share ...); values may be numbers or CSV strings.
+    summary: the summary.json dict (``footprint``, ``by_layer``/``by_module``/``by_component``,
+      ``skipped``); missing parts are recomputed from the rows.
+    spectra: name -> singular values, of ΔW (diagnose) or of W (spectrum); the matrices with
+      the largest energy share among those given are plotted.
+    kind: "diagnose" or "spectrum" (adds the alpha histogram; heatmaps use the weights' own
+      energy share and effective rank).
+
+    Returns {"report": path of report.md, "figures": [file names written]}.
+    """
+    if kind not in ("diagnose", "spectrum"):
+        raise ValueError(f"kind must be 'diagnose' or 'spectrum', not {kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(rows or [])
+    summary = dict(summary or {})
+    spectra = dict(spectra or {})
+    d = "delta_" if kind == "diagnose" else ""
+
+    shares = _energy_shares(rows, kind)
+    fp = dict(_footprint(shares))
+    given_fp = summary.get("footprint")
+    if isinstance(given_fp, Mapping):
+        fp.update({k: v for k, v in given_fp.items() if v is not None})
+    erank_col = next((c for c in (f"{d}effective_rank", "effective_rank") if any(c in r for r in rows)),
+                     f"{d}effective_rank")
+    erank = np.array([_num(r.get(erank_col)) for r in rows], dtype=np.float64)
+
+    figures: list[str] = []
+    what = "ΔW" if kind == "diagnose" else "W"
+    for name, vals, reduce, title_, cbar in (
+        (FIG_ENERGY, shares, "sum", f"energy share of {what} (sum per cell)", "energy share"),
+        (FIG_ERANK, erank, "mean", f"effective rank of {what} (mean per cell)", erank_col),
+    ):
+        if name == FIG_ERANK and not np.isfinite(erank).any():
+            continue
+        f = _heatmap(out, name, rows, vals, reduce=reduce, title=title_, cbar=cbar)
+        if f:
+            figures.append(f)
+
+    share_by_name = {str(r.get("name")): s for r, s in zip(rows, shares)}
+    top_spec = sorted(spectra, key=lambda n: -share_by_name.get(str(n), -1.0))[:TOP_SPECTRA]
+    f = _spectra_figure(out, top_spec, spectra, kind)
+    if f:
+        figures.append(f)
+    frac90 = _num(fp.get("matrices_for_90pct"))
+    f = _footprint_figure(out, shares, frac90 if math.isfinite(frac90) else 0.0, kind)
+    if f:
+        figures.append(f)
+    if kind == "spectrum":
+        alphas = np.array([_num(r.get("alpha")) for r in rows], dtype=np.float64)
+        f = _alpha_figure(out, alphas)
+        if f:
+            figures.append(f)
+
+    skipped = _skipped_items(summary.get("skipped"))
+    md = _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank_col, top_spec)
+    atomic_write_text(out / "report.md", md)
+    return {"report": str(out / "report.md"), "figures": figures}
+
+
+def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank_col, top_spec) -> str:
+    title = title or ("bshadow diagnose: spectral footprint of the fine-tuning delta" if kind == "diagnose"
+                      else "bshadow spectrum: weight spectra")
+    L: list[str] = [f"# {title}", ""]
+    n = len(rows)
+    if kind == "diagnose":
+        L.append("ΔW = W_tuned − W_base per matrix; metric definitions as in DESIGN.md.")
+    else:
+        L.append("Spectra of the weights themselves; alpha, log_norm, log_spectral_norm and alpha_weighted "
+                 "as WeightWatcher 0.7.x computes them.")
+    L += ["", "## Summary", ""]
+    facts = [("matrices analysed", str(n)), ("tensors skipped", str(len(skipped))),
+             ("footprint entropy", _fmt(fp.get("entropy"))), ("footprint gini", _fmt(fp.get("gini"))),
+             ("matrices_for_90pct", _fmt(fp.get("matrices_for_90pct")))]
+    frac = _num(fp.get("matrices_for_90pct"))
+    if math.isfinite(frac) and n:
+        facts.append(("matrices holding 90% of the energy", f"{int(round(frac * n))} of {n}"))
+    if kind == "diagnose":
+        dfro = np.array([_num(r.get("delta_fro")) for r in rows])
+        bfro = np.array([_num(r.get("base_fro")) for r in rows])
+        if np.isfinite(dfro).any():
+            tot_d = math.sqrt(float(np.nansum(dfro ** 2)))
+            facts.append(("total ‖ΔW‖F", _fmt(tot_d)))
+            if np.isfinite(bfro).any() and np.nansum(bfro ** 2) > 0:
+                facts.append(("total ‖ΔW‖F / ‖W_base‖F", _fmt(tot_d / math.sqrt(float(np.nansum(bfro ** 2))))))
+    else:
+        alphas = np.array([_num(r.get("alpha")) for r in rows])
+        ok = alphas[np.isfinite(alphas) & (alphas > 0)]
+        if ok.size:
+            facts.append(("median alpha", _fmt(np.median(ok))))
+            facts.append(("alpha < 2 (WW: over-trained)", str(int(np.sum(ok < 2)))))
+            facts.append(("alpha > 6 (WW: under-trained)", str(int(np.sum(ok > 6)))))
+    L += _table(["quantity", "value"], facts)
+
+    if n == 0:
+        L += ["", "No matrix was analysed."]
+    else:
+        order = np.argsort(-shares, kind="stable")[:TOP_TABLE]
+        if kind == "diagnose":
+            cols = ["rel_delta", "energy_share", f"{d}effective_rank", f"{d}stable_rank", f"{d}energy_rank_90",
+                    "base_overlap", "intruder_count"]
+        else:
+            cols = ["fro", "spectral_norm", "stable_rank", "effective_rank", "alpha", "alpha_weighted",
+                    "log_spectral_norm"]
+        cols = [c for c in cols if any(c in r for r in rows)]
+        body = []
+        for i in order:
+            r = rows[i]
+            shape = f"{_fmt(r.get('rows'))}×{_fmt(r.get('cols'))}"
+            vals = [_fmt(shares[i]) if c == "energy_share" else _fmt(r.get(c)) for c in cols]
+            body.append([f"`{_cell(r.get('name'))}`", _cell(r.get("component") or ""), _fmt(r.get("layer")),
+                         _cell(r.get("module") or ""), shape] + vals)
+        share_of = "‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"
+        L += ["", f"## Top {len(order)} matrices by energy share (of {share_of})", ""]
+        L += _table(["name", "component", "layer", "module", "shape"] + cols, body)
+
+        metric_cols = [c for c in ("rel_delta", f"{d}effective_rank", f"{d}stable_rank") if any(c in r for r in rows)]
+        if kind == "spectrum":
+            metric_cols = [c for c in ("effective_rank", "stable_rank", "alpha") if any(c in r for r in rows)]
+        for key, label in (("component", "component"), ("module", "module")):
+            # spectrum summaries carry no energy share: aggregate the rows' own ‖W‖F² shares
+            pre = summary.get(f"by_{key}") if kind == "diagnose" else None
+            body = _group_table(rows, shares, key, metric_cols, pre)
+            L += ["", f"## By {label}", ""]
+            L += _table([label, "matrices", "energy share"] + [f"mean {c}" for c in metric_cols], body)
+
+    L += ["", "## Skipped tensors", ""]
+    if skipped:
+        # group "shape mismatch: base [..] vs tuned [..]" and the like by their lead words
+        reasons = Counter(reason.split(":")[0] for _, reason in skipped)
+        L += _table(["reason", "tensors"], [[_cell(k), str(v)] for k, v in reasons.most_common()])
+        L += ["", "First skipped tensors: " + ", ".join(f"`{_cell(nm)}` ({_cell(rs)})" for nm, rs in skipped[:20])]
+    else:
+        L.append("None.")
+
+    captions = {
+        FIG_ENERGY: "Energy share per layer × module (sum over matrices in the cell, e.g. MoE experts).",
+        FIG_ERANK: f"Effective rank ({erank_col}) per layer × module (mean over matrices in the cell).",
+        FIG_SPECTRA: "Singular value spectra of the matrices with the largest energy share: "
+                     + ", ".join(f"`{_cell(x)}`" for x in top_spec) + ".",
+        FIG_FOOTPRINT: "Footprint curve: cumulative energy share over matrices sorted by share; dashed: 90%.",
+        FIG_ALPHA: "Histogram of WeightWatcher alpha; dashed lines at 2 and 6.",
+    }
+    if figures:
+        L += ["", "## Figures", ""]
+        for f in figures:
+            L += [f"![{f}]({f})", "", captions.get(f, ""), ""]
+    return "\n".join(L).rstrip() + "\n"
