@@ -136,15 +136,60 @@ def _exact_pair_one(b, t, topk: int):
     ub, sb, _ = jnp.linalg.svd(b, full_matrices=False)
     ut, st, _ = jnp.linalg.svd(t, full_matrices=False)
     ud, sd, _ = jnp.linalg.svd(d, full_matrices=False)
-    count, _ = _intruders(ut[:, :T], st[:T], ub, sb, sb[0], complete=True)
+    return _exact_metrics(b, d, ub, sb, ut[:, :T], st[:T], ud[:, :K], sd, topk)
+
+
+def _exact_metrics(b, d, ub, sb, ut_MxT, st_T, ud_MxK, sd, topk: int):
+    """Every exact pair metric from the three decompositions (however they were computed)."""
+    K = max(1, min(topk, min(b.shape)))
+    count, _ = _intruders(ut_MxT, st_T, ub, sb, sb[0], complete=True)
     out = {
         "base_fro": _fro(b),
-        "base_overlap": _overlap(ub, sb, ud, sd, K),
+        "base_overlap": _overlap(ub, sb, ud_MxK, sd, K),
         "intruder_count": count,
         "sv": sd,
     }
     out.update({f"_m_{k_}": v for k_, v in _matrix_user_metrics(d).items()})
     return out
+
+
+def _host_svd(w):
+    """LAPACK gesdd through SciPy (gesvd if it does not converge)."""
+    import scipy.linalg
+
+    try:
+        return scipy.linalg.svd(w, full_matrices=False, check_finite=False)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.svd(w, full_matrices=False, check_finite=False, lapack_driver="gesvd")
+
+
+def _host_pair_decompositions(pair, topk: int):
+    b, t = (np.asarray(x, np.float32) for x in pair)
+    d = t - b
+    k = min(b.shape)
+    K, T = max(1, min(topk, k)), min(N_INTRUDER, k)
+    ub, sb, _ = _host_svd(b)
+    ut, st, _ = _host_svd(t)
+    ud, sd, _ = _host_svd(d)
+    return b, d, ub, sb, ut[:, :T], st[:T], ud[:, :K], sd
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_exact_metrics(topk: int, reg_key):
+    del reg_key
+    return jax.jit(jax.vmap(functools.partial(_exact_metrics, topk=topk)))
+
+
+def _host_exact_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
+    """The exact method on CPU: SciPy's LAPACK for the SVDs, the same jitted, vmapped metrics.
+
+    XLA:CPU's SVD custom call runs about 2x slower than SciPy's gesdd here, and batched LAPACK
+    calls inside one XLA computation can deadlock its 2-thread pool (seen in the studies); the
+    decompositions run in a host thread pool instead and only the metric math is jitted.
+    """
+    decs = _host_map(functools.partial(_host_pair_decompositions, topk=topk), list(zip(base_BxMxN, tuned_BxMxN)))
+    stacked = [np.stack(parts) for parts in zip(*decs)]
+    return jax.device_get(_jitted_exact_metrics(topk, _registry_key())(*stacked))
 
 
 # ------------------------------------------------------------------------------------------
@@ -367,14 +412,17 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
     k = min(m, n)
     method = resolve_method(method, k, mesh)
     Bp = padded_size(max(B, pad_to), mesh)
-    b = _put(_pad(base_BxMxN, Bp), mesh)
-    t = _put(_pad(tuned_BxMxN, Bp), mesh)
     host_eig = _use_host(eig_backend, mesh)
     reg = _registry_key()
-    if method == "svd":
+    if method == "svd" and host_eig:
+        out = _host_exact_pairs(base_BxMxN, tuned_BxMxN, topk)
+        sv = np.asarray(out.pop("sv"), np.float64)[:B]
+    elif method == "svd":
+        b, t = _put(_pad(base_BxMxN, Bp), mesh), _put(_pad(tuned_BxMxN, Bp), mesh)
         out = jax.device_get(_jitted("pair_exact", topk, host_eig, mesh, reg)(b, t))
         sv = np.asarray(out.pop("sv"), np.float64)[:B]
     elif method == "gram":
+        b, t = _put(_pad(base_BxMxN, Bp), mesh), _put(_pad(tuned_BxMxN, Bp), mesh)
         out = jax.device_get(_jitted("pair_fast", topk, host_eig, mesh, reg)(b, t))
         lam = np.asarray(out.pop("_lam"), np.float64)[:B, ::-1]
         out.pop("_exact_sv")
@@ -446,9 +494,15 @@ def single_stack(w_BxMxN, *, topk: int = 8, method: str = "auto", mesh=None, eig
     w = _put(_pad(w_BxMxN, Bp), mesh)
     host_eig = _use_host(eig_backend, mesh)
     reg = _registry_key()
-    kind = "single_exact" if method == "svd" else "single_fast"
+    # on CPU the exact singular values come from SciPy's LAPACK on the host (see _host_exact_pairs);
+    # the jitted part then only computes the Gram and the registered matrix metrics
+    host_exact = method == "svd" and host_eig
+    kind = "single_exact" if (method == "svd" and not host_exact) else "single_fast"
     out = jax.device_get(_jitted(kind, topk, host_eig, mesh, reg)(w))
-    if method == "svd":
+    if host_exact:
+        out.pop("_gram", None)
+        sv = np.stack(_host_map(_svdvals, list(w_BxMxN)))
+    elif method == "svd":
         sv = np.asarray(out.pop("sv"), np.float64)[:B]
     else:
         if host_eig:
