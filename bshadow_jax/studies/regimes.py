@@ -1,0 +1,28 @@
+"""`bshadow experiment regimes CONFIG --out DIR`: the controlled intervention study (the main job).
+
+One base model (pretrained on general text, or loaded), fine-tuned under each arm with
+identical settings over several seeds; narrow and broad evaluations, the diagnose footprint
+of every fine-tune against the base (in process, on the pytrees, and along training), the
+paper's claims tested with 95% intervals, and the regime score. See `studies.runner` for the
+folder layout and `studies.claims` for how each claim is decided.
+"""
+from __future__ import annotations
+
+from bshadow_jax.studies.spec import load_study_config
+
+TITLE = "Regimes study: benchmark-aligned vs coverage-expanding fine-tuning"
+
+
+def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    cfg = load_study_config(config_path, list(overrides))  # ConfigError (exit 2) before any compute
+    from bshadow_jax.studies.runner import run_study
+
+    return run_study(cfg, out_dir, study="regimes", title=TITLE)
+
+
+def run_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
+    results = run(config_path, out_dir, overrides)
+    from bshadow_jax.studies.summary import print_summary
+
+    print_summary(results, out_dir)
+    return 0

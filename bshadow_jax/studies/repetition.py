@@ -1,0 +1,27 @@
+"""`bshadow experiment repetition CONFIG --out DIR`: the prompt-repetition case study.
+
+The same recipe with and without prompt repetition (and with deduplication), plus the
+aligned/coverage reference arms so the regime score can place each variant. The claim
+tested (R1 in `studies.claims`): prompt repetition does not shift the regime, i.e. the
+footprint does not move even where the scores do.
+"""
+from __future__ import annotations
+
+from bshadow_jax.studies.spec import load_study_config
+
+TITLE = "Prompt-repetition case study: does a data artifact shift the regime?"
+
+
+def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    cfg = load_study_config(config_path, list(overrides))
+    from bshadow_jax.studies.runner import run_study
+
+    return run_study(cfg, out_dir, study="repetition", title=TITLE)
+
+
+def run_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
+    results = run(config_path, out_dir, overrides)
+    from bshadow_jax.studies.summary import print_summary
+
+    print_summary(results, out_dir)
+    return 0
