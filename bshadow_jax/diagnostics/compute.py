@@ -126,13 +126,16 @@ def _sv_user_metrics(sv_K):
 # exact method
 # ------------------------------------------------------------------------------------------
 
-def _exact_pair_one(b, t, topk: int):
+def _pair_setup(b, t, topk: int):
+    """float32 base, tuned and delta, with k = min(m, n), K (top-k) and T (intruder count) sizes."""
     b = b.astype(jnp.float32)
     t = t.astype(jnp.float32)
-    d = t - b
     k = min(b.shape)
-    K = max(1, min(topk, k))
-    T = min(N_INTRUDER, k)
+    return b, t, t - b, k, max(1, min(topk, k)), min(N_INTRUDER, k)
+
+
+def _exact_pair_one(b, t, topk: int):
+    b, t, d, k, K, T = _pair_setup(b, t, topk)
     ub, sb, _ = jnp.linalg.svd(b, full_matrices=False)
     ut, st, _ = jnp.linalg.svd(t, full_matrices=False)
     ud, sd, _ = jnp.linalg.svd(d, full_matrices=False)
@@ -223,12 +226,7 @@ def _gram_left(w_MxN, n_vec: int):
 
 def _fast_pair_one(b, t, topk: int, host_eig: bool):
     del host_eig
-    b = b.astype(jnp.float32)
-    t = t.astype(jnp.float32)
-    d = t - b
-    k = min(b.shape)
-    K = max(1, min(topk, k))
-    T = min(N_INTRUDER, k)
+    b, t, d, k, K, T = _pair_setup(b, t, topk)
     ub, sb, _ = _gram_left(b, k)
     ut, st, _ = _gram_left(t, T)
     ud, sd, lam_d = _gram_left(d, K)

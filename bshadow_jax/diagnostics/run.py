@@ -39,6 +39,22 @@ class SpectrumResult:
     spectra: dict  # row name -> singular values of the weight
 
 
+def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=None) -> None:
+    """One CSV row (and one spectrum) per matrix of a computed chunk; non-finite ones are skipped."""
+    for i, it in enumerate(chunk):
+        if not finite[i]:
+            skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
+            continue
+        row = readers.row_labels(it)
+        for c in metric_cols:
+            if c in res:
+                row[c] = _num(res[c][i], c)
+        if extra is not None:
+            row.update(extra(res["sv"][i]))
+        rows.append(row)
+        spectra[it.name] = np.asarray(res["sv"][i])
+
+
 def _num(x, col):
     v = float(x)
     if col in INT_COLS and math.isfinite(v):
@@ -82,16 +98,7 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
             res = compute.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             redo_sv += int(np.sum(res.get("_redo_sv", [])))
             redo_intr += int(np.sum(res.get("_redo_intruders", [])))
-            for i, it in enumerate(chunk):
-                if not finite[i]:
-                    skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
-                    continue
-                row = readers.row_labels(it)
-                for c in metric_cols:
-                    if c in res:
-                        row[c] = _num(res[c][i], c)
-                rows.append(row)
-                spectra[it.name] = np.asarray(res["sv"][i])
+            _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
             bar.update(len(chunk))
     if not rows:
         raise UserError(f"{bpath} vs {tpath}: no comparable matrix (all {len(skipped)} candidates skipped)")
@@ -173,17 +180,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
         for chunk, (w,), finite in readers.iter_chunks(chunks, src):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
             res = compute.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
-            for i, it in enumerate(chunk):
-                if not finite[i]:
-                    skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
-                    continue
-                row = readers.row_labels(it)
-                for c in metric_cols:
-                    if c in res:
-                        row[c] = _num(res[c][i], c)
-                row.update(_ww(res["sv"][i]))
-                rows.append(row)
-                spectra[it.name] = np.asarray(res["sv"][i])
+            _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
             bar.update(len(chunk))
     if not rows:
         raise UserError(f"{path}: no analysable matrix (all {len(skipped)} candidates skipped)")
