@@ -112,16 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     saved_stdin, sys.stdin = sys.stdin, io.StringIO("")
     saved_hook, saved_unraisable = sys.excepthook, sys.unraisablehook
     if not debug:
-        sys.unraisablehook = lambda unraisable: None
         # Library callbacks on background threads (tensorstore after a failed async save) print
-        # tracebacks through sys.excepthook and sys.unraisablehook; every error of the command itself is caught below
-        # and reported as one line, so those are noise unless --debug.
+        # tracebacks through sys.excepthook and sys.unraisablehook; every error of the command
+        # itself is caught below and reported as one line, so those are noise unless --debug.
+        sys.unraisablehook = lambda unraisable: None
         sys.excepthook = lambda *exc_info: None
+    rc = 1
     try:
-        return _main(argv, debug)
+        rc = _main(argv, debug)
+        return rc
     finally:
         sys.stdin = saved_stdin
-        sys.excepthook, sys.unraisablehook = saved_hook, saved_unraisable
+        # after a failure the hooks stay quiet: the noise comes while the process winds down
+        if rc == 0 or debug:
+            sys.excepthook, sys.unraisablehook = saved_hook, saved_unraisable
 
 
 def _main(argv: list[str], debug: bool) -> int:
@@ -177,10 +181,15 @@ def _quiet_background_errors() -> None:
     the user gets the one `error:` line. `--debug` keeps them."""
     import logging
     import threading
+    import warnings
 
     sys.excepthook = lambda *exc_info: None
+    sys.unraisablehook = lambda unraisable: None
     threading.excepthook = lambda args: None
-    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")  # "coroutine ... was never awaited" from the aborted writers
+    # asyncio logs "Future exception was never retrieved" for the failed writer tasks at exit
+    for name in ("asyncio", "absl", "concurrent.futures", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 def _internal(e: BaseException, debug: bool) -> int:
