@@ -48,9 +48,23 @@ def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, 
     results["settings"] = {"seeds": list(cfg.seeds), "finetune": cfg.finetune,
                            "base": to_dict(cfg.base), "evals": to_dict(cfg.evals), "diagnose": to_dict(cfg.diagnose),
                            "claims": to_dict(cfg.claims)}
+    results["settings"]["general_text"] = _general_text_used(cfg)
     if wall_s is not None:
         results["wall_s"] = wall_s
     return results
+
+
+def _general_text_used(cfg: StudyConfig) -> dict:
+    """Which general text the fine-tunes really got (Shakespeare, or the procedural fallback)."""
+    from bshadow_jax.data.pipeline import _text_corpus
+
+    data = cfg.finetune.get("data") if isinstance(cfg.finetune, Mapping) else None
+    source = (data or {}).get("text_source", "auto")
+    try:
+        corpus = _text_corpus(source)
+    except (ValueError, OSError) as e:  # a report must not fail over a provenance note
+        return {"requested": source, "error": str(e)}
+    return {"requested": source, "used": corpus.name, **corpus.metadata}
 
 
 def _regime(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:

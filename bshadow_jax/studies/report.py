@@ -366,6 +366,9 @@ def write_study_report(out_dir: Path, *, title: str, results: Mapping[str, Any],
     if base_eval:
         md += [f"Base model before fine-tuning: narrow {_fmt_num(_get(base_eval, 'narrow.score'))}, "
                f"broad {_fmt_num(_get(base_eval, 'broad.score'))}.", ""]
+    text = (results.get("settings") or {}).get("general_text") or {}
+    if text.get("used"):
+        md += [f"General text used: {text['used']} (requested: {text.get('requested')}).", ""]
     md += ["![narrow vs broad](narrow_broad.png)", "", "## Claims", "", claims_md(results.get("claims", [])),
            "## Narrow by category", "", category_table(arms, "narrow"), "",
            "## Broad by category", "", category_table(arms, "broad"), "",
