@@ -17,6 +17,7 @@ from bshadow_jax.errors import UserError
 tokenizer_mod = importlib.import_module("bshadow_jax.data.tokenizer")
 hf_source = importlib.import_module("bshadow_jax.data.hf_source")
 from bshadow_jax.data.config import DataConfig  # noqa: E402
+from reliability_helpers import no_hang, record
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                 phases=[Phase.explicit, Phase.generate])
@@ -24,27 +25,7 @@ LONG = settings(max_examples=600, deadline=None, suppress_health_check=list(Heal
                 phases=[Phase.explicit, Phase.generate])
 
 
-def _record(outcome: str, detail: str = "") -> None:
-    """Append one fuzz outcome to $BSHADOW_RELIABILITY_STATS (the numbers behind RELIABILITY.md)."""
-    path = os.environ.get("BSHADOW_RELIABILITY_STATS")
-    if path:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test": test, "outcome": outcome, "detail": detail}) + "\n")
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 60):
-    def handler(signum, frame):
-        raise TimeoutError(f"still running after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+_record = record
 
 
 def outcome(fn, *args) -> str:

@@ -25,15 +25,9 @@ from hypothesis import strategies as st
 
 from bshadow_jax import cli, config, fileio
 from bshadow_jax.errors import ConfigError, UserError
+from reliability_helpers import record
 
-def _record(outcome: str, detail: str = "") -> None:
-    """Append one fuzz outcome to $BSHADOW_RELIABILITY_STATS (the numbers behind RELIABILITY.md)."""
-    path = os.environ.get("BSHADOW_RELIABILITY_STATS")
-    if path:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test": test, "outcome": outcome, "detail": detail}) + "\n")
-
+_record = record
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 REPO = Path(__file__).resolve().parents[1]

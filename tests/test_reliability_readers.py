@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from bshadow_jax.errors import UserError
+from reliability_helpers import Hang, record
+from reliability_helpers import no_hang as _no_hang
 
 sources = importlib.import_module("bshadow_jax.models.sources")
 models = importlib.import_module("bshadow_jax.models")
@@ -47,31 +49,11 @@ TINY = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layer
             num_key_value_heads=1, max_position_embeddings=32)
 
 
-def _record(outcome: str, detail: str = "") -> None:
-    """Append one fuzz outcome to $BSHADOW_RELIABILITY_STATS (the numbers behind RELIABILITY.md)."""
-    path = os.environ.get("BSHADOW_RELIABILITY_STATS")
-    if path:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test": test, "outcome": outcome, "detail": detail}) + "\n")
+_record = record
 
 
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
 def no_hang(seconds: int = HANG_SECONDS):
-    def handler(signum, frame):
-        raise Hang(f"reader still running after {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return _no_hang(seconds)
 
 
 def user_error_or_ok(fn, *args):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from bshadow_jax import config
 from bshadow_jax.errors import ConfigError
+from reliability_helpers import record
 
 training_config = importlib.import_module("bshadow_jax.training.config")
 
@@ -26,14 +27,7 @@ TINY = {
     "optim": {"lr": 1e-2, "warmup_steps": 0},
 }
 
-def _record(outcome: str, detail: str = "") -> None:
-    """Append one fuzz outcome to $BSHADOW_RELIABILITY_STATS (the numbers behind RELIABILITY.md)."""
-    path = os.environ.get("BSHADOW_RELIABILITY_STATS")
-    if path:
-        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test": test, "outcome": outcome, "detail": detail}) + "\n")
-
+_record = record
 
 _KEYS = [
     "seed", "train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.log_every",
