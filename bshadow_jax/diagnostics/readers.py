@@ -143,15 +143,18 @@ def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) ->
         if tshape != bshape:
             skipped.append({"name": bn, "reason": f"shape mismatch: base {list(bshape)} vs tuned {list(tshape)}"})
             continue
-        if len(bshape) == 3:
-            for e in range(bshape[0]):
-                items.append(Item(f"{bn}[{e}]", bn, tn, e, bshape[1:]))
-        else:
-            items.append(Item(bn, bn, tn, None, bshape))
+        items.extend(_matrix_items(bn, tn, bshape))
     for name, tn in tuned_map.items():
         if name not in seen and _keep(name, inc, exc):
             skipped.append({"name": name if name == tn else f"{name} (tuned {tn})", "reason": "missing in base"})
     return items, skipped
+
+
+def _matrix_items(name: str, tuned_name: str | None, shape: tuple) -> list[Item]:
+    """One item per matrix: a stacked 3-D tensor (MoE experts) gives one per slice."""
+    if len(shape) == 3:
+        return [Item(f"{name}[{e}]", name, tuned_name, e, shape[1:]) for e in range(shape[0])]
+    return [Item(name, name, tuned_name, None, shape)]
 
 
 def plan_single(src, *, include=None, exclude=None) -> tuple[list[Item], list[dict]]:
@@ -165,10 +168,8 @@ def plan_single(src, *, include=None, exclude=None) -> tuple[list[Item], list[di
         why = _matrix_check(n, shape)
         if why:
             skipped.append({"name": n, "reason": why})
-        elif len(shape) == 3:
-            items.extend(Item(f"{n}[{e}]", n, None, e, shape[1:]) for e in range(shape[0]))
         else:
-            items.append(Item(n, n, None, None, shape))
+            items.extend(_matrix_items(n, None, shape))
     return items, skipped
 
 

@@ -39,6 +39,20 @@ class SpectrumResult:
     spectra: dict  # row name -> singular values of the weight
 
 
+def _plan_chunks(items, mesh, budget_mb, *, copies: int):
+    """(mesh, device count, chunks under the memory budget, first chunk length per shape).
+
+    Every later chunk of a shape is padded to its first chunk's length: one compile per shape.
+    """
+    mesh = compute.default_mesh(mesh)
+    nd = compute.mesh_size(mesh)
+    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
+    first_len: dict[tuple, int] = {}
+    for c in chunks:
+        first_len.setdefault(tuple(c[0].shape), len(c))
+    return mesh, nd, chunks, first_len
+
+
 def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=None) -> None:
     """One CSV row (and one spectrum) per matrix of a computed chunk; non-finite ones are skipped."""
     for i, it in enumerate(chunk):
@@ -82,12 +96,7 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     if not items:
         filt = " (after --include/--exclude)" if include or exclude else ""
         raise UserError(f"{bpath} vs {tpath}: no matrix in common{filt}")
-    mesh = compute.default_mesh(mesh)
-    nd = compute.mesh_size(mesh)
-    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=6)
-    first_len: dict[tuple, int] = {}
-    for c in chunks:
-        first_len.setdefault(tuple(c[0].shape), len(c))
+    mesh, nd, chunks, first_len = _plan_chunks(items, mesh, budget_mb, copies=6)
     user_cols = [f"delta_{m.name}" for m in registry.registered_metrics()]
     metric_cols = list(DIAGNOSE_COLS) + user_cols
     rows, spectra = [], {}
@@ -167,12 +176,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     path = getattr(src, "path", "<memory>")
     if not items:
         raise UserError(f"{path}: no matrix to analyse")
-    mesh = compute.default_mesh(mesh)
-    nd = compute.mesh_size(mesh)
-    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=2)
-    first_len: dict[tuple, int] = {}
-    for c in chunks:
-        first_len.setdefault(tuple(c[0].shape), len(c))
+    mesh, nd, chunks, first_len = _plan_chunks(items, mesh, budget_mb, copies=2)
     user_cols = [m.name for m in registry.registered_metrics()]
     metric_cols = list(SPECTRUM_COLS) + user_cols
     rows, spectra = [], {}
