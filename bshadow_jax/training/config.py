@@ -106,11 +106,12 @@ class TrainConfig:
         vocab = self.model.get("vocab_size", 0)
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 0:
             raise ConfigError(f"model.vocab_size: expected an integer >= 0 (0 = from the tokenizer), got {vocab!r}")
-        self.llama_config(vocab or 1)  # validates every model field now, before any compile
-        if self.train.seq_len > int(self.model.get("max_position_embeddings", 2048)):
+        model_cfg = self.llama_config(vocab or 1)  # validates every model field now, before any compile
+        # compare with the validated value: the raw YAML may spell the number as a string ("1e3")
+        if self.train.seq_len > model_cfg.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_len: {self.train.seq_len} exceeds model.max_position_embeddings "
-                f"{self.model.get('max_position_embeddings', 2048)}"
+                f"{model_cfg.max_position_embeddings}"
             )
 
     def llama_config(self, vocab_size: int | None = None):
