@@ -101,12 +101,7 @@ def test_exact_path_matches_numpy(shape):
     assert got["delta_effective_rank"][2] < 3 and got["delta_energy_rank_90"][2] <= 3
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fast_path_agrees_with_exact(shape):
-    b, t = make_pairs(shape, 1)
-    mesh = one_device_mesh()
-    ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
-    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh)
+def assert_fast_matches_exact(fa, ex):
     for c in COLS:
         if c in ("delta_energy_rank_90", "delta_energy_rank_99", "intruder_count"):
             np.testing.assert_array_equal(fa[c], ex[c], err_msg=c)
@@ -114,9 +109,55 @@ def test_fast_path_agrees_with_exact(shape):
             np.testing.assert_allclose(fa[c], ex[c], atol=1e-3, err_msg=c)
         else:
             np.testing.assert_allclose(fa[c], ex[c], rtol=1e-3, atol=1e-5, err_msg=c)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_path_agrees_with_exact_jax_eigh(shape):
+    b, t = make_pairs(shape, 1)
+    mesh = one_device_mesh()
+    ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
+    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="jax")
+    assert_fast_matches_exact(fa, ex)
     # the low-rank deltas cannot be resolved by a float32 Gram: they must take the exact route
     assert fa["_redo_sv"][2]
     assert not fa["_redo_sv"][0]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(96, 160), (160, 96)])
+def test_fast_path_agrees_with_exact_host_partial(shape):
+    # (96, 160): k = 96 > HOST_BASE_VECTORS, so intruders are decided from the top base vectors only
+    b, t = make_pairs(shape, 1)
+    mesh = one_device_mesh()
+    ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
+    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
+    assert_fast_matches_exact(fa, ex)
+    assert not fa["_redo_sv"].any()  # float64 Gram values need no exact redo, low-rank deltas included
+    assert ex["intruder_count"][1] >= 1  # the planted rank-2 delta brings intruders: the test can see them
+
+
+def test_host_partial_intruders_fall_back_when_base_vectors_cannot_decide(monkeypatch):
+    # with only 2 base vectors most tuned vectors cannot be decided: those pairs must be redone
+    # exactly and still give the exact counts
+    monkeypatch.setattr(compute, "HOST_BASE_VECTORS", 2)
+    b, t = make_pairs((96, 160), 5)
+    mesh = one_device_mesh()
+    ex = compute.pair_stack(b, t, topk=2, method="svd", mesh=mesh)
+    fa = compute.pair_stack(b, t, topk=2, method="gram", mesh=mesh, eig_backend="host")
+    assert fa["_redo_intruders"].any()
+    np.testing.assert_array_equal(fa["intruder_count"], ex["intruder_count"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_tridiagonalisation_gives_eigh_values_and_top_vectors(dtype):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((70, 90)).astype(dtype)
+    g = w @ w.T
+    lam, vec = compute._eig_all_values_top_vectors(g, 5)
+    ref_lam, ref_vec = np.linalg.eigh(g.astype(np.float64))
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(lam, ref_lam[::-1], rtol=tol, atol=tol * ref_lam[-1])
+    cos = np.abs(np.sum(vec * ref_vec[:, ::-1][:, :5], axis=0))
+    np.testing.assert_allclose(cos, 1.0, atol=tol * 10)
 
 
 def test_vmapped_stack_equals_single_matrices():

@@ -68,19 +68,6 @@ class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self.entries, self.data_start = _read_safetensors_header(path)
-        self._handle = None
-        self._ctx = None
-
-    def _open(self):
-        if self._handle is None:
-            from safetensors import safe_open
-
-            try:
-                self._ctx = safe_open(str(self.path), framework="numpy")
-                self._handle = self._ctx.__enter__()
-            except Exception as e:
-                raise UserError(f"{self.path}: not a readable safetensors file ({_one_line(e)})") from None
-        return self._handle
 
     def read(self, name: str) -> np.ndarray:
         dtype, shape, (begin, end) = self.entries[name]
@@ -89,21 +76,26 @@ class _SafetensorsFile:
 
             raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
             arr = raw.view(getattr(ml_dtypes, _ML_DTYPES[dtype])).reshape(shape)
-        else:
-            try:
-                arr = self._open().get_tensor(name)
-            except UserError:
-                raise
-            except Exception as e:
-                raise UserError(f"{self.path}: tensor {name} unreadable ({_one_line(e)})") from None
-        return np.asarray(arr, dtype=np.float32)
+            return np.asarray(arr, dtype=np.float32)
+        from safetensors import safe_open
+
+        # opened per tensor: the mapping of the whole file ends with the read, so the pages a
+        # streaming pass touched do not pile up in the resident set (2x the checkpoint otherwise)
+        try:
+            ctx = safe_open(str(self.path), framework="numpy")
+            handle = ctx.__enter__()
+        except Exception as e:
+            raise UserError(f"{self.path}: not a readable safetensors file ({_one_line(e)})") from None
+        try:
+            arr = np.asarray(handle.get_tensor(name), dtype=np.float32)  # get_tensor copies out of the map
+        except Exception as e:
+            raise UserError(f"{self.path}: tensor {name} unreadable ({_one_line(e)})") from None
+        finally:
+            ctx.__exit__(None, None, None)
+        return arr
 
     def close(self) -> None:
-        if self._ctx is not None:
-            try:
-                self._ctx.__exit__(None, None, None)
-            finally:
-                self._ctx = self._handle = None
+        """Nothing stays open between reads."""
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], tuple[int, int]]], int]:
