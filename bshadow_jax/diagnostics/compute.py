@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bshadow_jax.diagnostics import registry
+from bshadow_jax.diagnostics import lapack, registry
 from bshadow_jax.diagnostics.spectral import SV_METRICS, spectral_metrics
 
 N_INTRUDER = 10  # Shuttleworth et al. 2024: top-10 left singular vectors of W_tuned
@@ -197,16 +197,12 @@ def _gram_of(w):
 def _left_from_gram(w, g, n_vec: int, floor: float):
     """(top n_vec left singular vectors, their singular values) from syevr on the smaller Gram g.
 
-    Only the wanted eigenpairs are computed (LAPACK's MRRR after one tridiagonalisation), which
-    is what makes this several times cheaper than a full SVD with vectors. For a tall matrix the
+    Only the wanted eigenpairs are computed (LAPACK's MRRR after one tridiagonalisation, with the
+    GIL released: see diagnostics/lapack.py), several times cheaper than a full SVD with vectors. For a tall matrix the
     Gram gives V and U = W V / sigma; vectors of numerically zero sigma are zeroed (arbitrary).
     """
-    import scipy.linalg
-
     m, n = w.shape
-    k = min(m, n)
-    lam, vec = scipy.linalg.eigh(g, subset_by_index=[k - n_vec, k - 1], driver="evr", check_finite=False)
-    lam, vec = lam[::-1], vec[:, ::-1]
+    lam, vec = lapack.top_eigh(g, n_vec)
     sv = np.sqrt(np.maximum(lam, 0.0))
     if m > n:
         ok = sv > sv[0] * floor
@@ -227,75 +223,55 @@ def _host_partial_decompositions(pair, topk: int):
     ub, sb = _left_from_gram(b, _gram_of(b), R, GRAM_VEC_FLOOR)
     ut, st = _left_from_gram(t, _gram_of(t), T, GRAM_VEC_FLOOR)
     d64 = d.astype(np.float64)
-    lam, vec = _eig_all_values_top_vectors(_gram_of(d64), K)
+    lam, vec = lapack.eigvalsh_and_top(_gram_of(d64), K)
     sd = np.sqrt(np.maximum(lam, 0.0)) + 0.0  # no -0.0
     if d.shape[0] > d.shape[1]:
         ok = sd[:K] > sd[0] * GRAM64_VEC_FLOOR
         vec = (d64 @ vec) / np.where(ok, sd[:K], 1.0)
         vec[:, ~ok] = 0.0
-    return b, d, ub, sb, ut, st, vec.astype(np.float32), sd.astype(np.float32), R == k
+    base_fro = np.float32(np.sqrt(np.sum(np.square(b, dtype=np.float64))))
+    return base_fro, ub, sb, ut, st, vec.astype(np.float32), sd.astype(np.float32), R == k
 
 
-def _eig_all_values_top_vectors(g, n_vec: int):
-    """(every eigenvalue, descending; eigenvectors of the top n_vec) of a symmetric matrix from one
-    tridiagonalisation: LAPACK's eigvalsh followed by a subset eigh would reduce it twice, and the
-    reduction is most of the cost. Householder back-transform of the few vectors by hand."""
-    import scipy.linalg
-    from scipy.linalg import lapack
-
-    k = g.shape[0]
-    n_vec = min(n_vec, k)
-    if k < 3:  # nothing to reduce
-        lam, vec = np.linalg.eigh(g)
-        return lam[::-1], vec[:, ::-1][:, :n_vec]
-    sytrd = lapack.dsytrd if g.dtype == np.float64 else lapack.ssytrd
-    lwork = lapack.dsytrd_lwork if g.dtype == np.float64 else lapack.ssytrd_lwork
-    refl, diag, off, tau, info = sytrd(g, lower=1, lwork=max(1, int(lwork(k, lower=1)[0])))
-    if info != 0:
-        raise np.linalg.LinAlgError(f"sytrd failed (info={info})")
-    lam = scipy.linalg.eigvalsh_tridiagonal(diag, off, check_finite=False)[::-1]
-    _, z = scipy.linalg.eigh_tridiagonal(diag, off, select="i", select_range=(k - n_vec, k - 1), check_finite=False)
-    z = np.ascontiguousarray(z[:, ::-1])
-    # Q = H(0) H(1) ... H(k-2); H(i) = I - tau_i v v^T with v = [0]*(i+1) + [1] + refl[i+2:, i]
-    for i in range(k - 2, -1, -1):
-        if tau[i] == 0.0:
-            continue
-        v = refl[i + 1:, i].copy()
-        v[0] = 1.0
-        z[i + 1:] -= np.outer(tau[i] * v, v @ z[i + 1:])
-    return lam, z
-
-
-def _partial_metrics(b, d, ub_MxR, sb_R, ut_MxT, st_T, ud_MxK, sd, topk: int, complete: bool):
-    K = max(1, min(topk, min(b.shape)))
+def _partial_metrics(base_fro, ub_MxR, sb_R, ut_MxT, st_T, ud_MxK, sd, topk: int, complete: bool):
+    K = max(1, min(topk, ub_MxR.shape[0], sd.shape[0]))
     count, decided = _intruders(ut_MxT, st_T, ub_MxR, sb_R, sb_R[0], complete=complete, rel_floor=GRAM_VEC_FLOOR)
-    out = {
-        "base_fro": _fro(b),
+    return {
+        "base_fro": base_fro,
         "base_overlap": _overlap(ub_MxR, sb_R, ud_MxK, sd, K, GRAM_VEC_FLOOR, GRAM64_VEC_FLOOR),
         "intruder_count": count,
         "_decided": decided,
     }
-    out.update({f"_m_{k_}": v for k_, v in _matrix_user_metrics(d).items()})
-    return out
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_partial_metrics(topk: int, complete: bool, reg_key):
-    del reg_key
+def _jitted_partial_metrics(topk: int, complete: bool):
     return jax.jit(jax.vmap(functools.partial(_partial_metrics, topk=topk, complete=complete)))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_delta_matrix_metrics(reg_key):
+    del reg_key
+    def one(b, t):
+        return {f"_m_{k_}": v for k_, v in _matrix_user_metrics(t.astype(jnp.float32) - b.astype(jnp.float32)).items()}
+
+    return jax.jit(jax.vmap(one))
 
 
 def _host_partial_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
     """The fast method on CPU: partial host eigendecompositions, the same jitted, vmapped metrics.
 
-    A tuned vector whose intruder test the top base vectors cannot decide (its largest cosine
-    sits within INTRUDER_MARGIN of the threshold, or too much of it lies outside those vectors)
-    is recomputed with full SVDs; "_redo_intruders" marks those pairs.
+    Only the small factors cross back from the worker threads (no stacked copies of the
+    matrices). A tuned vector whose intruder test the top base vectors cannot decide (its
+    largest cosine within INTRUDER_MARGIN of the threshold, or too much of it outside those
+    vectors) is recomputed with full SVDs; "_redo_intruders" marks those pairs.
     """
     decs = _host_map(functools.partial(_host_partial_decompositions, topk=topk), list(zip(base_BxMxN, tuned_BxMxN)))
     complete = decs[0][-1]
     stacked = [np.stack(parts) for parts in zip(*(dec[:-1] for dec in decs))]
-    out = dict(jax.device_get(_jitted_partial_metrics(topk, complete, _registry_key())(*stacked)))
+    out = dict(jax.device_get(_jitted_partial_metrics(topk, complete)(*stacked)))
+    if registry.registered_metrics("matrix"):
+        out.update(jax.device_get(_jitted_delta_matrix_metrics(_registry_key())(base_BxMxN, tuned_BxMxN)))
     sv = np.asarray(stacked[-1], np.float64)
     undecided = np.nonzero(~np.asarray(out.pop("_decided")))[0]
     out["intruder_count"] = np.array(out["intruder_count"])
@@ -461,10 +437,13 @@ def _pool():
 
 
 def _host_map(fn, mats):
-    """fn over matrices in a thread pool with one BLAS thread per worker (LAPACK releases the GIL)."""
+    """fn over matrices in a thread pool; the cores are split between workers and BLAS threads
+    (one each when there are at least as many matrices as cores: LAPACK's reductions scale
+    better across matrices than within one)."""
+    cores = max(1, os.cpu_count() or 1)
     try:
         from threadpoolctl import threadpool_limits
-        ctx = threadpool_limits(1)
+        ctx = threadpool_limits(max(1, cores // max(1, len(mats))))
     except ImportError:  # pragma: no cover
         import contextlib
         ctx = contextlib.nullcontext()
