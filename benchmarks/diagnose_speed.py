@@ -155,6 +155,14 @@ def generate_pair(root: Path, layers: int) -> tuple[Path, Path]:
     return base_dir, tuned_dir
 
 
+def generate_pair_in_child(root: Path, layers: int, tiny: bool) -> tuple[Path, Path]:
+    """generate_pair in a child process: Linux keeps a process's peak RSS across fork+exec, so
+    children timed later would inherit the peak of a parent that had held the generated tensors."""
+    cmd = [sys.executable, os.path.abspath(__file__), "_generate", str(root), str(layers)] + (["tiny"] if tiny else [])
+    subprocess.run(cmd, check=True)
+    return root / "base", root / "tuned"
+
+
 def checkpoint_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -385,7 +393,7 @@ def main(argv=None) -> int:
                   "ffn": FFN, "delta_rank": RANK, "noise": NOISE},
     }
     try:
-        base, tuned = generate_pair(work / f"L{args.layers}", args.layers)
+        base, tuned = generate_pair_in_child(work / f"L{args.layers}", args.layers, args.tiny)
         ckpt = checkpoint_bytes(base)
         n_mat = sum(1 for _, s in tensor_plan(args.layers) if len(s) == 2)
         print(f"main: {args.layers} layers, {n_mat} matrices, checkpoint {ckpt / 1e9:.3f} GB per side, "
@@ -404,7 +412,7 @@ def main(argv=None) -> int:
             if L == args.layers and set(sweep_tools) <= set(tools):
                 res = main_res
             else:
-                b, t = generate_pair(work / f"L{L}", L)
+                b, t = generate_pair_in_child(work / f"L{L}", L, args.tiny)
                 res = measure(sweep_tools, b, t, work, args.sweep_repeats)
                 res.update(layers=L, checkpoint_bytes=checkpoint_bytes(b))
                 if not args.keep:
@@ -444,6 +452,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "_generate":
+        if sys.argv[4:] == ["tiny"]:
+            VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 512, 128, 4, 2, 32, 352
+        generate_pair(Path(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
     if len(sys.argv) == 5 and sys.argv[1] in ("_scipy", "_ww"):
         {"_scipy": baseline_scipy, "_ww": baseline_ww}[sys.argv[1]](*sys.argv[2:])
         sys.exit(0)

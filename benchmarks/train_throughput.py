@@ -1,9 +1,11 @@
 """Training throughput: tokens/s and MFU of the jitted train step, against baselines in the same process.
 
   python benchmarks/train_throughput.py [--config configs/smoke.yaml] [--steps 20] [--batch-size B] [--seq-len T]
+                                       [--seeds 1,3]
 
 Prints medians over timed steps (after warm-up) of:
   * our jitted train step (AdamW, clipping, masked CE; the config's compute dtype), one device;
+    with --seeds S > 1, S models (different seeds) vmapped through one step (tokens/s counts all S);
   * a jitted float32 1024^3 matmul: the roofline MFU is quoted against (same process, same moment);
   * a PyTorch eager CPU step of the same architecture/batch/optimizer
     (transformers LlamaForCausalLM + torch.optim.AdamW, masked CE, grad clipping).
@@ -58,21 +60,32 @@ def model_flops_per_token(cfg, seq_len: int) -> tuple[float, int]:
     return 6 * n_matmul + attn, n_matmul
 
 
-def bench_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int):
+def bench_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int, seeds: int = 1):
+    """Median step time of the jitted, donated train step; seeds > 1: that many models vmapped in one step."""
     import jax
+    import numpy as np
 
     from bshadow_jax.models.llama import init_params
     from bshadow_jax.training.optim import make_optimizer
     from bshadow_jax.training.state import init_state
-    from bshadow_jax.training.step import make_train_step
+    from bshadow_jax.training.step import make_multi_seed_train_step, make_train_step, stack_states
     from bshadow_jax.training.synthetic import synthetic_batch
 
     tx, schedule = make_optimizer(train_cfg.optim, 10_000)
-    state = init_state(init_params(model_cfg, jax.random.key(0)), tx, 0)
-    step = jax.jit(make_train_step(model_cfg, tx, schedule, compute_dtype=train_cfg.train.compute_dtype,
-                                   grad_accum=train_cfg.train.grad_accum), donate_argnums=0)
-    batches = [jax.device_put(synthetic_batch(i, vocab_size=model_cfg.vocab_size, seq_len=seq_len,
-                                              batch_size=batch_size, seed=0)) for i in range(4)]
+    kw = dict(compute_dtype=train_cfg.train.compute_dtype, grad_accum=train_cfg.train.grad_accum)
+
+    def batch(i, seed):
+        return synthetic_batch(i, vocab_size=model_cfg.vocab_size, seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+    if seeds == 1:
+        state = init_state(init_params(model_cfg, jax.random.key(0)), tx, 0)
+        step = jax.jit(make_train_step(model_cfg, tx, schedule, **kw), donate_argnums=0)
+        batches = [jax.device_put(batch(i, 0)) for i in range(4)]
+    else:
+        state = stack_states([init_state(init_params(model_cfg, jax.random.key(s)), tx, s) for s in range(seeds)])
+        step = jax.jit(make_multi_seed_train_step(model_cfg, tx, schedule, **kw), donate_argnums=0)
+        batches = [jax.device_put({k: np.stack([batch(i, s)[k] for s in range(seeds)]) for k in batch(i, 0)})
+                   for i in range(4)]
     t = time.perf_counter()
     state, m = step(state, batches[0])
     jax.block_until_ready(m)
@@ -132,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=0, help="default: the config's train.seq_len")
     ap.add_argument("--vocab-size", type=int, default=1024, help="used when the config says model.vocab_size: 0")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--seeds", default="1", help="comma-separated seed counts vmapped through one JAX step "
+                    "(the studies train arms x seeds small models); tokens/s counts every seed's tokens")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
@@ -150,22 +165,28 @@ def main(argv=None) -> int:
           f"cpu cores {os.cpu_count()}")
 
     roof_before = matmul_roofline()
-    jax_sec, compile_s = bench_jax(cfg, model_cfg, B, T, args.steps)
+    tok = B * T
+    jax_res = {}
+    for S in [int(x) for x in args.seeds.split(",") if x.strip()]:
+        jax_res[S] = bench_jax(cfg, model_cfg, B, T, args.steps, seeds=S)
     roof_after = matmul_roofline()
     roof = statistics.median([roof_before, roof_after])
-    tok = B * T
-    jax_tps = tok / jax_sec
-    mfu = jax_tps * flops_tok / roof
     print(f"roofline: jitted 1024^3 float32 matmul {roof / 1e9:.1f} GFLOP/s (before {roof_before / 1e9:.1f}, "
           f"after {roof_after / 1e9:.1f})")
-    print(f"jax:      step {jax_sec * 1e3:.1f} ms (median of {args.steps}), {jax_tps:,.0f} tokens/s, "
-          f"{jax_tps * flops_tok / 1e9:.1f} GFLOP/s model, MFU {mfu:.1%} (compile {compile_s:.1f} s)")
+    for S, (jax_sec, compile_s) in jax_res.items():
+        tps = S * tok / jax_sec
+        print(f"jax x{S}:   step {jax_sec * 1e3:.1f} ms (median of {args.steps}), {tps:,.0f} tokens/s "
+              f"({S} model{'s' if S > 1 else ''}), {tps * flops_tok / 1e9:.1f} GFLOP/s model, "
+              f"MFU {tps * flops_tok / roof:.1%} (compile {compile_s:.1f} s)")
     if not args.no_torch:
         torch_sec = bench_torch(cfg, model_cfg, B, T, args.steps)
         torch_tps = tok / torch_sec
         print(f"torch:    step {torch_sec * 1e3:.1f} ms (median of {args.steps}), {torch_tps:,.0f} tokens/s, "
-              f"MFU {torch_tps * flops_tok / roof:.1%} (eager, transformers LlamaForCausalLM + AdamW)")
-        print(f"ratio:    jax/torch tokens/s = {jax_tps / torch_tps:.2f}x (goal >= 1.25x); MFU {mfu:.1%} (goal >= 50%)")
+              f"MFU {torch_tps * flops_tok / roof:.1%} (eager, transformers LlamaForCausalLM + AdamW, one model)")
+        for S, (jax_sec, _) in jax_res.items():
+            tps = S * tok / jax_sec
+            print(f"ratio x{S}: jax/torch tokens/s = {tps / torch_tps:.2f}x (goal >= 1.25x); "
+                  f"MFU {tps * flops_tok / roof:.1%} (goal >= 50%)")
     return 0
 
 

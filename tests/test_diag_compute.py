@@ -135,6 +135,20 @@ def test_fast_path_agrees_with_exact_host_partial(shape):
     assert ex["intruder_count"][1] >= 1  # the planted rank-2 delta brings intruders: the test can see them
 
 
+@pytest.mark.parametrize("shape", [(160, 96), (96, 160)])
+def test_host_partial_float64_work_in_small_blocks_gives_the_same_metrics(monkeypatch, shape):
+    # the float64 Gram, the tall projection and base_fro are accumulated block by block to bound
+    # memory; 7-row blocks must give what one block gives
+    b, t = make_pairs(shape, 7)
+    mesh = one_device_mesh()
+    whole = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
+    monkeypatch.setattr(compute, "_BLOCK_BYTES", 8 * max(shape) * 7)
+    assert len(compute._row_blocks(b[0] if shape[0] > shape[1] else b[0].T)) > 10
+    blocked = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
+    for c in COLS:
+        np.testing.assert_allclose(blocked[c], whole[c], rtol=1e-6, atol=1e-7, err_msg=c)
+
+
 def test_host_partial_intruders_fall_back_when_base_vectors_cannot_decide(monkeypatch):
     # with only 2 base vectors most tuned vectors cannot be decided: those pairs must be redone
     # exactly and still give the exact counts

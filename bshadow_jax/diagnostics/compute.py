@@ -222,15 +222,34 @@ def _host_partial_decompositions(pair, topk: int):
     R = min(k, max(HOST_BASE_VECTORS, K))
     ub, sb = _left_from_gram(b, _gram_of(b), R, GRAM_VEC_FLOOR)
     ut, st = _left_from_gram(t, _gram_of(t), T, GRAM_VEC_FLOOR)
-    d64 = d.astype(np.float64)
-    lam, vec = lapack.eigvalsh_and_top(_gram_of(d64), K)
+    lam, vec = lapack.eigvalsh_and_top(_gram64(d), K)
     sd = np.sqrt(np.maximum(lam, 0.0)) + 0.0  # no -0.0
     if d.shape[0] > d.shape[1]:
         ok = sd[:K] > sd[0] * GRAM64_VEC_FLOOR
-        vec = (d64 @ vec) / np.where(ok, sd[:K], 1.0)
+        proj = np.concatenate([d[rows].astype(np.float64) @ vec for rows in _row_blocks(d)])
+        vec = proj / np.where(ok, sd[:K], 1.0)
         vec[:, ~ok] = 0.0
-    base_fro = np.float32(np.sqrt(np.sum(np.square(b, dtype=np.float64))))
+    base_fro = np.float32(np.sqrt(sum(np.sum(np.square(b[rows], dtype=np.float64)) for rows in _row_blocks(b))))
     return base_fro, ub, sb, ut, st, vec.astype(np.float32), sd.astype(np.float32), R == k
+
+
+_BLOCK_BYTES = 32 * 2**20  # float64 working copies are made this many bytes at a time
+
+
+def _row_blocks(w):
+    rows = max(1, _BLOCK_BYTES // (8 * max(1, w.shape[1])))
+    return [slice(i, min(w.shape[0], i + rows)) for i in range(0, w.shape[0], rows)]
+
+
+def _gram64(w):
+    """float64 Gram on the smaller side, accumulated over blocks of the long side: a full float64
+    copy of a 32000 x 1024 embedding delta alone would be a fifth of its checkpoint."""
+    tall = w if w.shape[0] >= w.shape[1] else w.T
+    g = np.zeros((tall.shape[1], tall.shape[1]), np.float64)
+    for rows in _row_blocks(tall):
+        blk = tall[rows].astype(np.float64)
+        g += blk.T @ blk
+    return g
 
 
 def _partial_metrics(base_fro, ub_MxR, sb_R, ut_MxT, st_T, ud_MxK, sd, topk: int, complete: bool):

@@ -236,18 +236,36 @@ def load_chunk(chunk: Sequence[Item], *sources) -> tuple[list[np.ndarray], np.nd
     return stacks, finite
 
 
-def iter_chunks(chunks: Sequence[Sequence[Item]], *sources) -> Iterator[tuple[Sequence[Item], list, np.ndarray]]:
-    """Yield loaded chunks, reading the next one in a background thread while the caller computes."""
+def _chunk_bytes(chunk: Sequence[Item], n_sources: int) -> int:
+    m, n = chunk[0].shape
+    return 4 * m * n * len(chunk) * n_sources
+
+
+def iter_chunks(chunks: Sequence[Sequence[Item]], *sources, prefetch_limit_bytes: float | None = None
+                ) -> Iterator[tuple[Sequence[Item], list, np.ndarray]]:
+    """Yield loaded chunks, reading the next one in a background thread while the caller computes.
+
+    With prefetch_limit_bytes, the next chunk is read ahead only when it and the current one
+    together fit in it: two embedding-sized chunks resident at once would double the peak.
+    """
     if not chunks:
         return
+
+    def fits(i: int) -> bool:
+        return prefetch_limit_bytes is None or (
+            _chunk_bytes(chunks[i], len(sources)) + _chunk_bytes(chunks[i + 1], len(sources)) <= prefetch_limit_bytes)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
         fut = ex.submit(load_chunk, chunks[0], *sources)
         for i, chunk in enumerate(chunks):
             stacks, finite = fut.result()
-            if i + 1 < len(chunks):
+            fut = None
+            if i + 1 < len(chunks) and fits(i):
                 fut = ex.submit(load_chunk, chunks[i + 1], *sources)
             yield chunk, stacks, finite
             del stacks
+            if fut is None and i + 1 < len(chunks):
+                fut = ex.submit(load_chunk, chunks[i + 1], *sources)
 
 
 def row_labels(item: Item) -> dict:

@@ -102,9 +102,11 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     rows, spectra = [], {}
     redo_sv = redo_intr = 0
     with _progress(len(items), progress, "diagnose") as bar:
-        for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src):
+        for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src,
+                                                          prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
             res = compute.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            del b, t  # before the generator reads the next chunk
             redo_sv += int(np.sum(res.get("_redo_sv", [])))
             redo_intr += int(np.sum(res.get("_redo_intruders", [])))
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
@@ -181,9 +183,10 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     metric_cols = list(SPECTRUM_COLS) + user_cols
     rows, spectra = [], {}
     with _progress(len(items), progress, "spectrum") as bar:
-        for chunk, (w,), finite in readers.iter_chunks(chunks, src):
+        for chunk, (w,), finite in readers.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
             res = compute.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            del w  # before the generator reads the next chunk
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
             bar.update(len(chunk))
     if not rows:
