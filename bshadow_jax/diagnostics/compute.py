@@ -211,26 +211,52 @@ def _left_from_gram(w, g, n_vec: int, floor: float):
     return vec.astype(np.float32), sv.astype(np.float32)
 
 
-def _host_partial_decompositions(pair, topk: int):
-    """What the pair metrics need, and no more: every singular value of the delta and its top-K
-    left vectors (one float64 Gram: values exact to ~1e-8 sigma_1), the top-10 left vectors of
-    W_tuned and the top HOST_BASE_VECTORS of W_base (float32 Grams, top pairs only)."""
-    b, t = (np.asarray(x, np.float32) for x in pair)
-    d = t - b
-    k = min(b.shape)
-    K, T = max(1, min(topk, k)), min(N_INTRUDER, k)
-    R = min(k, max(HOST_BASE_VECTORS, K))
-    ub, sb = _left_from_gram(b, _gram_of(b), R, GRAM_VEC_FLOOR)
-    ut, st = _left_from_gram(t, _gram_of(t), T, GRAM_VEC_FLOOR)
-    lam, vec = lapack.eigvalsh_and_top(_gram64(d), K)
+def _partial_sizes(shape, topk: int) -> tuple[int, int, int, int]:
+    """(k, K delta vectors, T tuned vectors, R base vectors) for the host partial path."""
+    k = min(shape)
+    K = max(1, min(topk, k))
+    return k, K, min(N_INTRUDER, k), min(k, max(HOST_BASE_VECTORS, K))
+
+
+def _top_left_task(w, n_vec: int):
+    """Top n_vec left vectors and values of W_base or W_tuned (float32 Gram); base_fro with them."""
+    w = np.asarray(w, np.float32)
+    u, s = _left_from_gram(w, _gram_of(w), n_vec, GRAM_VEC_FLOOR)
+    fro = np.float32(np.sqrt(sum(np.sum(np.square(w[rows], dtype=np.float64)) for rows in _row_blocks(w))))
+    return u, s, fro
+
+
+def _delta_task(b, t, n_vec: int):
+    """Every singular value of the delta and its top n_vec left vectors from one float64 Gram
+    (values exact to ~1e-8 sigma_1, so never guarded as the float32 Gram path is)."""
+    d = np.asarray(t, np.float32) - np.asarray(b, np.float32)
+    lam, vec = lapack.eigvalsh_and_top(_gram64(d), n_vec)
     sd = np.sqrt(np.maximum(lam, 0.0)) + 0.0  # no -0.0
     if d.shape[0] > d.shape[1]:
-        ok = sd[:K] > sd[0] * GRAM64_VEC_FLOOR
+        ok = sd[:n_vec] > sd[0] * GRAM64_VEC_FLOOR
         proj = np.concatenate([d[rows].astype(np.float64) @ vec for rows in _row_blocks(d)])
-        vec = proj / np.where(ok, sd[:K], 1.0)
+        vec = proj / np.where(ok, sd[:n_vec], 1.0)
         vec[:, ~ok] = 0.0
-    base_fro = np.float32(np.sqrt(sum(np.sum(np.square(b[rows], dtype=np.float64)) for rows in _row_blocks(b))))
-    return base_fro, ub, sb, ut, st, vec.astype(np.float32), sd.astype(np.float32), R == k
+    return vec.astype(np.float32), sd.astype(np.float32)
+
+
+def _host_partial_decompositions(base_BxMxN, tuned_BxMxN, topk: int):
+    """What the pair metrics need, and no more, as three independent tasks per pair (delta,
+    base, tuned) so that even a one-pair chunk (an embedding) keeps every core busy:
+    the delta's singular values and top-K vectors, the top-10 of W_tuned and the top
+    HOST_BASE_VECTORS of W_base."""
+    B = len(base_BxMxN)
+    _, K, T, R = _partial_sizes(base_BxMxN.shape[1:], topk)
+    tasks = []
+    for i in range(B):  # the float64 delta, the longest, first
+        tasks += [functools.partial(_delta_task, base_BxMxN[i], tuned_BxMxN[i], K),
+                  functools.partial(_top_left_task, base_BxMxN[i], R),
+                  functools.partial(_top_left_task, tuned_BxMxN[i], T)]
+    res = _host_map(lambda task: task(), tasks)
+    delta, base, tuned = res[0::3], res[1::3], res[2::3]
+    return (np.stack([r[2] for r in base]), np.stack([r[0] for r in base]), np.stack([r[1] for r in base]),
+            np.stack([r[0] for r in tuned]), np.stack([r[1] for r in tuned]),
+            np.stack([r[0] for r in delta]), np.stack([r[1] for r in delta]))
 
 
 _BLOCK_BYTES = 32 * 2**20  # float64 working copies are made this many bytes at a time
@@ -285,10 +311,9 @@ def _host_partial_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
     largest cosine within INTRUDER_MARGIN of the threshold, or too much of it outside those
     vectors) is recomputed with full SVDs; "_redo_intruders" marks those pairs.
     """
-    decs = _host_map(functools.partial(_host_partial_decompositions, topk=topk), list(zip(base_BxMxN, tuned_BxMxN)))
-    complete = decs[0][-1]
-    stacked = [np.stack(parts) for parts in zip(*(dec[:-1] for dec in decs))]
-    out = dict(jax.device_get(_jitted_partial_metrics(topk, complete)(*stacked)))
+    stacked = _host_partial_decompositions(base_BxMxN, tuned_BxMxN, topk)
+    k, _, _, R = _partial_sizes(base_BxMxN.shape[1:], topk)
+    out = dict(jax.device_get(_jitted_partial_metrics(topk, R == k)(*stacked)))
     if registry.registered_metrics("matrix"):
         out.update(jax.device_get(_jitted_delta_matrix_metrics(_registry_key())(base_BxMxN, tuned_BxMxN)))
     sv = np.asarray(stacked[-1], np.float64)
@@ -297,8 +322,8 @@ def _host_partial_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
     if undecided.size:
         ex = _host_exact_pairs(base_BxMxN[undecided], tuned_BxMxN[undecided], topk)
         out["intruder_count"][undecided] = ex["intruder_count"]
-    out["_redo_sv"] = np.zeros(len(decs), bool)
-    out["_redo_intruders"] = np.zeros(len(decs), bool)
+    out["_redo_sv"] = np.zeros(len(base_BxMxN), bool)
+    out["_redo_intruders"] = np.zeros(len(base_BxMxN), bool)
     out["_redo_intruders"][undecided] = True
     out["sv"] = sv
     return out
