@@ -3,7 +3,8 @@
   python benchmarks/train_throughput.py [--config configs/smoke.yaml] [--steps 20] [--batch-size B] [--seq-len T]
                                        [--seeds 1,3]
 
-Prints medians over timed steps (after warm-up) of:
+Times every system once per round, back to back, for --rounds rounds, and prints per-round medians
+and the median of the per-round ratios (this machine's speed drifts by 2x within minutes), for:
   * our jitted train step (AdamW, clipping, masked CE; the config's compute dtype), one device;
     with --seeds S > 1, S models (different seeds) vmapped through one step (tokens/s counts all S);
   * a jitted float32 1024^3 matmul: the roofline MFU is quoted against (same process, same moment);
@@ -60,15 +61,15 @@ def model_flops_per_token(cfg, seq_len: int) -> tuple[float, int]:
     return 6 * n_matmul + attn, n_matmul
 
 
-def bench_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int, seeds: int = 1):
-    """Median step time of the jitted, donated train step; seeds > 1: that many models vmapped in one step."""
+def setup_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, seeds: int = 1):
+    """(one timed step, compile seconds) of the jitted, donated train step; seeds > 1: that many models vmapped."""
     import jax
     import numpy as np
 
     from bshadow_jax.models.llama import init_params
     from bshadow_jax.training.optim import make_optimizer
     from bshadow_jax.training.state import init_state
-    from bshadow_jax.training.step import make_multi_seed_train_step, make_train_step, stack_states
+    from bshadow_jax.training.step import make_train_step
     from bshadow_jax.training.synthetic import synthetic_batch
 
     tx, schedule = make_optimizer(train_cfg.optim, 10_000)
@@ -82,8 +83,11 @@ def bench_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int, s
         step = jax.jit(make_train_step(model_cfg, tx, schedule, **kw), donate_argnums=0)
         batches = [jax.device_put(batch(i, 0)) for i in range(4)]
     else:
-        state = stack_states([init_state(init_params(model_cfg, jax.random.key(s)), tx, s) for s in range(seeds)])
-        step = jax.jit(make_multi_seed_train_step(model_cfg, tx, schedule, **kw), donate_argnums=0)
+        # S models vmapped through one step (tried for the studies' arms x seeds; slower per token
+        # than one model on XLA:CPU, see RESULTS.md, so the library does not use it)
+        states = [init_state(init_params(model_cfg, jax.random.key(s)), tx, s) for s in range(seeds)]
+        state = jax.tree.map(lambda *xs: np.stack(xs), *states)
+        step = jax.jit(jax.vmap(make_train_step(model_cfg, tx, schedule, **kw)), donate_argnums=0)
         batches = [jax.device_put({k: np.stack([batch(i, s)[k] for s in range(seeds)]) for k in batch(i, 0)})
                    for i in range(4)]
     t = time.perf_counter()
@@ -97,10 +101,11 @@ def bench_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int, s
         box["state"], m = step(box["state"], batches[box["i"] % 4])
         m["loss"].block_until_ready()
 
-    return _median_time(one, warmup=2, reps=steps), compile_s
+    return one, compile_s
 
 
-def bench_torch(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int):
+def setup_torch(train_cfg, model_cfg, batch_size: int, seq_len: int):
+    """One timed PyTorch eager step (closure) of the same architecture, batch and optimizer."""
     import numpy as np
     import torch
     import transformers
@@ -134,13 +139,14 @@ def bench_torch(train_cfg, model_cfg, batch_size: int, seq_len: int, steps: int)
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
         opt.step()
 
-    return _median_time(one, warmup=2, reps=steps)
+    return one
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
-    ap.add_argument("--steps", type=int, default=15, help="timed steps per system (median reported)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per system and round (median)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (every system once per round)")
     ap.add_argument("--batch-size", type=int, default=0, help="default: the config's train.batch_size")
     ap.add_argument("--seq-len", type=int, default=0, help="default: the config's train.seq_len")
     ap.add_argument("--vocab-size", type=int, default=1024, help="used when the config says model.vocab_size: 0")
@@ -164,29 +170,41 @@ def main(argv=None) -> int:
           f"batch {B}x{T}; compute {cfg.train.compute_dtype}; devices {jax.device_count()} ({jax.devices()[0].platform}); "
           f"cpu cores {os.cpu_count()}")
 
-    roof_before = matmul_roofline()
     tok = B * T
-    jax_res = {}
-    for S in [int(x) for x in args.seeds.split(",") if x.strip()]:
-        jax_res[S] = bench_jax(cfg, model_cfg, B, T, args.steps, seeds=S)
-    roof_after = matmul_roofline()
-    roof = statistics.median([roof_before, roof_after])
-    print(f"roofline: jitted 1024^3 float32 matmul {roof / 1e9:.1f} GFLOP/s (before {roof_before / 1e9:.1f}, "
-          f"after {roof_after / 1e9:.1f})")
-    for S, (jax_sec, compile_s) in jax_res.items():
-        tps = S * tok / jax_sec
-        print(f"jax x{S}:   step {jax_sec * 1e3:.1f} ms (median of {args.steps}), {tps:,.0f} tokens/s "
-              f"({S} model{'s' if S > 1 else ''}), {tps * flops_tok / 1e9:.1f} GFLOP/s model, "
-              f"MFU {tps * flops_tok / roof:.1%} (compile {compile_s:.1f} s)")
-    if not args.no_torch:
-        torch_sec = bench_torch(cfg, model_cfg, B, T, args.steps)
-        torch_tps = tok / torch_sec
-        print(f"torch:    step {torch_sec * 1e3:.1f} ms (median of {args.steps}), {torch_tps:,.0f} tokens/s, "
-              f"MFU {torch_tps * flops_tok / roof:.1%} (eager, transformers LlamaForCausalLM + AdamW, one model)")
-        for S, (jax_sec, _) in jax_res.items():
-            tps = S * tok / jax_sec
-            print(f"ratio x{S}: jax/torch tokens/s = {tps / torch_tps:.2f}x (goal >= 1.25x); "
-                  f"MFU {tps * flops_tok / roof:.1%} (goal >= 50%)")
+    seed_counts = [int(x) for x in args.seeds.split(",") if x.strip()]
+    jax_steps = {S: setup_jax(cfg, model_cfg, B, T, seeds=S) for S in seed_counts}
+    torch_step = None if args.no_torch else setup_torch(cfg, model_cfg, B, T)
+    # Interleaved rounds: every system is timed once per round, back to back, so a ratio compares
+    # the same minutes of a shared machine (its speed drifts by 2x over a few minutes here).
+    rounds = []
+    for r in range(args.rounds):
+        row = {"roof": matmul_roofline()}
+        for S, (one, _) in jax_steps.items():
+            row[S] = _median_time(one, warmup=2, reps=args.steps)
+        if torch_step is not None:
+            row["torch"] = _median_time(torch_step, warmup=2, reps=args.steps)
+        rounds.append(row)
+        print(f"round {r + 1}/{args.rounds}: roofline {row['roof'] / 1e9:.1f} GFLOP/s; "
+              + "; ".join(f"jax x{S} {row[S] * 1e3:.1f} ms" for S in seed_counts)
+              + (f"; torch {row['torch'] * 1e3:.1f} ms" if torch_step is not None else ""), flush=True)
+    med = statistics.median
+    print(f"roofline: jitted 1024^3 float32 matmul, median of rounds {med(r['roof'] for r in rounds) / 1e9:.1f} GFLOP/s "
+          f"(range {min(r['roof'] for r in rounds) / 1e9:.1f}-{max(r['roof'] for r in rounds) / 1e9:.1f})")
+    for S, (_, compile_s) in jax_steps.items():
+        tps = [S * tok / r[S] for r in rounds]
+        mfu = [S * tok / r[S] * flops_tok / r["roof"] for r in rounds]
+        print(f"jax x{S}:   step {med(r[S] for r in rounds) * 1e3:.1f} ms, {med(tps):,.0f} tokens/s "
+              f"({S} model{'s' if S > 1 else ''}), MFU {med(mfu):.1%} (per-round median; range "
+              f"{min(mfu):.1%}-{max(mfu):.1%}; compile {compile_s:.1f} s)")
+    if torch_step is not None:
+        ttps = [tok / r["torch"] for r in rounds]
+        tmfu = [tok / r["torch"] * flops_tok / r["roof"] for r in rounds]
+        print(f"torch:    step {med(r['torch'] for r in rounds) * 1e3:.1f} ms, {med(ttps):,.0f} tokens/s, MFU {med(tmfu):.1%} "
+              f"(eager, transformers LlamaForCausalLM + AdamW, one model)")
+        for S in seed_counts:
+            ratios = [S * r["torch"] / r[S] for r in rounds]
+            print(f"ratio x{S}: jax/torch tokens/s = {med(ratios):.2f}x median of {len(rounds)} rounds "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.25x)")
     return 0
 
 

@@ -94,20 +94,5 @@ def make_train_step(model_cfg, tx, schedule, *, compute_dtype="float32", grad_ac
     )
 
 
-def make_multi_seed_train_step(model_cfg, tx, schedule, *, compute_dtype="float32", grad_accum: int = 1):
-    """train_step vmapped over a leading seed axis of the state and the batch.
-
-    S independent models (different init and data seeds, same recipe) advance in one program:
-    each matmul becomes S batched ones, which fills a small CPU better than S separate steps.
-    Seed s of the result is train_step of seed s alone (tested to float tolerance).
-    """
-    return jax.vmap(make_train_step(model_cfg, tx, schedule, compute_dtype=compute_dtype, grad_accum=grad_accum))
-
-
-def stack_states(states):
-    """One state with a leading seed axis from per-seed states (see make_multi_seed_train_step)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
 def make_eval_step(model_cfg, *, compute_dtype="float32"):
     return functools.partial(eval_step, model_cfg=model_cfg, compute_dtype=compute_dtype)
