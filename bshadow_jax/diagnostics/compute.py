@@ -338,6 +338,8 @@ def _jitted_exact_metrics(topk: int, reg_key):
 def _host_exact_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
     """The exact method on CPU: SciPy's LAPACK for the SVDs, the same jitted, vmapped metrics.
 
+    SciPy's wrapper holds the GIL, so the pool runs these SVDs one at a time (numpy's releases it
+    but ran gesdd 1.7x slower here, a net loss); the fast path calls LAPACK GIL-free (lapack.py).
     XLA:CPU's SVD custom call runs about 2x slower than SciPy's gesdd here, and batched LAPACK
     calls inside one XLA computation can deadlock its 2-thread pool (seen in the studies); the
     decompositions run in a host thread pool instead and only the metric math is jitted.
