@@ -197,3 +197,41 @@ def test_cli_end_to_end_and_bad_inputs(tmp_path, capsys):
     # an existing good output survives a failed run
     assert main(["diagnose", str(b), str(tmp_path / "other.safetensors"), "--out", str(out)]) == 2
     assert (out / "metrics.csv").exists()
+
+
+def test_streamed_checkpoint_above_exact_size_takes_host_partial_path_and_matches_exact(tmp_path):
+    """k > SMALL_K_EXACT: `auto` streams safetensors through the partial host eigensolvers; the
+    rows must equal the exact three-SVD path's, a registered matrix metric included."""
+    from safetensors.numpy import save_file
+
+    from bshadow_jax.diagnostics import compute
+
+    rng = np.random.default_rng(11)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (300, 160), "model.layers.0.mlp.down_proj.weight": (160, 300),
+              "model.layers.1.self_attn.q_proj.weight": (160, 160)}
+    assert all(min(s) > compute.SMALL_K_EXACT for s in shapes.values())
+    base = {n: (0.05 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+    tuned = {n: w + (rng.standard_normal((w.shape[0], 3)) @ rng.standard_normal((3, w.shape[1])) * 0.02
+                     + 1e-4 * rng.standard_normal(w.shape)).astype(np.float32) for n, w in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+
+    @diagnostics.register_metric("abs_max_test", kind="matrix")
+    def abs_max(w):
+        return jnp.max(jnp.abs(w))
+
+    try:
+        fast = run.diagnose_checkpoints(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
+        exact = run.diagnose_checkpoints(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", method="svd")
+    finally:
+        registry.unregister_metric("abs_max_test")
+    assert fast.summary["method"] == "auto" and len(fast.rows) == 3
+    by_name = {r["name"]: r for r in exact.rows}
+    for r in fast.rows:
+        e = by_name[r["name"]]
+        for c, v in r.items():
+            if isinstance(v, float):
+                np.testing.assert_allclose(v, e[c], rtol=2e-4, atol=1e-4, err_msg=f"{r['name']} {c}")
+            else:
+                assert v == e[c], (r["name"], c)
+    assert any(r["delta_abs_max_test"] > 0 for r in fast.rows)

@@ -270,7 +270,7 @@ def _row_blocks(w):
 def _gram64(w):
     """float64 Gram on the smaller side, accumulated over blocks of the long side: a full float64
     copy of a 32000 x 1024 embedding delta alone would be a fifth of its checkpoint."""
-    tall = w if w.shape[0] >= w.shape[1] else w.T
+    tall = w if w.shape[0] > w.shape[1] else w.T  # m <= n: W W^T, the left side, as _gram_of
     g = np.zeros((tall.shape[1], tall.shape[1]), np.float64)
     for rows in _row_blocks(tall):
         blk = tall[rows].astype(np.float64)
