@@ -52,6 +52,13 @@ TINY = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layer
 _record = record
 
 
+# The child's own peak RSS: VmHWM belongs to the address space that execve creates, whereas
+# ru_maxrss is carried over from the parent across fork+exec, so a pytest worker that had grown
+# past the limit made these tests fail at random.
+_PRINT_OWN_PEAK = ("print('maxrss_kb', next(int(ln.split()[1]) for ln in open('/proc/self/status') "
+                   "if ln.startswith('VmHWM:')))\n")
+
+
 def no_hang(seconds: int = HANG_SECONDS):
     return _no_hang(seconds)
 
@@ -221,8 +228,7 @@ def test_huge_tensor_claim_fails_fast_with_low_memory(tmp_path):
         with pytest.raises(UserError):
             with no_hang(10):
                 fn(p)
-    script = ("import resource, sys\nfrom bshadow_jax.cli import main\nrc = main(sys.argv[1:])\n"
-              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)\n")
+    script = "import sys\nfrom bshadow_jax.cli import main\nrc = main(sys.argv[1:])\n" + _PRINT_OWN_PEAK + "sys.exit(rc)\n"
     for argv in (["spectrum", str(p), "--out", str(tmp_path / "o1")], ["export", str(p), "--out", str(tmp_path / "o2")],
                  ["diagnose", str(p), str(p), "--out", str(tmp_path / "o3")]):
         r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
@@ -320,9 +326,7 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
 from bshadow_jax.cli import main
 rc = main(sys.argv[1:])
-print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-sys.exit(rc)
-"""
+""" + _PRINT_OWN_PEAK + "sys.exit(rc)\n"
 
 
 @pytest.mark.parametrize("field,cmd", [
