@@ -111,13 +111,19 @@ def assert_fast_matches_exact(fa, ex):
             np.testing.assert_allclose(fa[c], ex[c], rtol=1e-3, atol=1e-5, err_msg=c)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_fast_path_agrees_with_exact_jax_eigh(shape):
+def fast_and_exact(shape, eig_backend: str):
+    """The Gram path with this eigensolver backend against the exact one, on make_pairs(shape)."""
     b, t = make_pairs(shape, 1)
     mesh = one_device_mesh()
     ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
-    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="jax")
+    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend=eig_backend)
     assert_fast_matches_exact(fa, ex)
+    return fa, ex
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_path_agrees_with_exact_jax_eigh(shape):
+    fa, _ = fast_and_exact(shape, "jax")
     # the low-rank deltas cannot be resolved by a float32 Gram: they must take the exact route
     assert fa["_redo_sv"][2]
     assert not fa["_redo_sv"][0]
@@ -126,11 +132,7 @@ def test_fast_path_agrees_with_exact_jax_eigh(shape):
 @pytest.mark.parametrize("shape", SHAPES + [(96, 160), (160, 96), (72, 72)])
 def test_fast_path_agrees_with_exact_host_partial(shape):
     # (96, 160): k = 96 > HOST_BASE_VECTORS, so intruders are decided from the top base vectors only
-    b, t = make_pairs(shape, 1)
-    mesh = one_device_mesh()
-    ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
-    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
-    assert_fast_matches_exact(fa, ex)
+    fa, ex = fast_and_exact(shape, "host")
     assert not fa["_redo_sv"].any()  # float64 Gram values need no exact redo, low-rank deltas included
     assert ex["intruder_count"][1] >= 1  # the planted rank-2 delta brings intruders: the test can see them
 

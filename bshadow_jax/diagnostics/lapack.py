@@ -92,6 +92,22 @@ def _check(info: ctypes.c_int, name: str) -> None:
         raise np.linalg.LinAlgError(f"LAPACK {name} failed (info={info.value})")
 
 
+def _run(k: _Call, fn, head: tuple, dtype, name: str, *, iwork: bool) -> None:
+    """fn(*head, work, lwork, [iwork, liwork], info): LAPACK's lwork = -1 size query, then the call."""
+    info = k.i()
+    wq, iwq = np.empty(1, dtype), np.empty(1, np.intc)
+    query = (k.a(wq), ctypes.byref(k.i(-1))) + ((k.ia(iwq), ctypes.byref(k.i(-1))) if iwork else ())
+    fn(*head, *query, ctypes.byref(info))
+    _check(info, name + " workspace query")
+    work = np.empty(max(1, int(wq[0])), dtype)
+    args = (k.a(work), ctypes.byref(k.i(work.size)))
+    if iwork:
+        iw = np.empty(max(1, int(iwq[0])), np.intc)
+        args += (k.ia(iw), ctypes.byref(k.i(iw.size)))
+    fn(*head, *args, ctypes.byref(info))
+    _check(info, name)
+
+
 def top_eigh(g: np.ndarray, n_vec: int) -> tuple[np.ndarray, np.ndarray]:
     """(top n_vec eigenvalues descending, their eigenvectors as columns) of a symmetric g."""
     g = np.asarray(g)
@@ -108,17 +124,11 @@ def top_eigh(g: np.ndarray, n_vec: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.empty(n, g.dtype)
     z = np.empty((n_vec, n), g.dtype)  # column-major n x n_vec
     isuppz = np.empty(2 * n_vec, np.intc)
-    m, info = k.i(), k.i()
+    m = k.i()
     head = (k.c("V"), k.c("I"), k.c("L"), ctypes.byref(k.i(n)), k.a(a), ctypes.byref(k.i(n)), k.s(), k.s(),
             ctypes.byref(k.i(n - n_vec + 1)), ctypes.byref(k.i(n)), k.s(), ctypes.byref(m), k.a(w), k.a(z),
             ctypes.byref(k.i(n)), k.ia(isuppz))
-    wq, iwq = np.empty(1, g.dtype), np.empty(1, np.intc)
-    fn(*head, k.a(wq), ctypes.byref(k.i(-1)), k.ia(iwq), ctypes.byref(k.i(-1)), ctypes.byref(info))
-    _check(info, "syevr workspace query")
-    work, iwork = np.empty(max(1, int(wq[0])), g.dtype), np.empty(max(1, int(iwq[0])), np.intc)
-    fn(*head, k.a(work), ctypes.byref(k.i(work.size)), k.ia(iwork), ctypes.byref(k.i(iwork.size)),
-       ctypes.byref(info))
-    _check(info, "syevr")
+    _run(k, fn, head, g.dtype, "syevr", iwork=True)
     if m.value != n_vec:
         raise np.linalg.LinAlgError(f"LAPACK syevr returned {m.value} of {n_vec} eigenpairs")
     return w[:n_vec][::-1].copy(), z[::-1].T.copy()
@@ -141,17 +151,12 @@ def eigvalsh_and_top(g: np.ndarray, n_vec: int) -> tuple[np.ndarray, np.ndarray]
         return lam[::-1], vec[:, ::-1][:, :n_vec].copy()
     sytrd, sterf, stemr, ormtr = fns
     k = _Call(g.dtype)
-    info = k.i()
     a = np.array(g, order="C", copy=True)
     d, e, tau = np.empty(n, g.dtype), np.zeros(n, g.dtype), np.empty(n - 1, g.dtype)
     head = (k.c("L"), ctypes.byref(k.i(n)), k.a(a), ctypes.byref(k.i(n)), k.a(d), k.a(e), k.a(tau))
-    wq = np.empty(1, g.dtype)
-    sytrd(*head, k.a(wq), ctypes.byref(k.i(-1)), ctypes.byref(info))
-    _check(info, "sytrd workspace query")
-    work = np.empty(max(1, int(wq[0])), g.dtype)
-    sytrd(*head, k.a(work), ctypes.byref(k.i(work.size)), ctypes.byref(info))
-    _check(info, "sytrd")
+    _run(k, sytrd, head, g.dtype, "sytrd", iwork=False)
 
+    info = k.i()
     lam, e_copy = d.copy(), e[:n - 1].copy()
     sterf(ctypes.byref(k.i(n)), k.a(lam), k.a(e_copy), ctypes.byref(info))
     _check(info, "sterf")
@@ -164,23 +169,11 @@ def eigvalsh_and_top(g: np.ndarray, n_vec: int) -> tuple[np.ndarray, np.ndarray]
     head = (k.c("V"), k.c("I"), ctypes.byref(k.i(n)), k.a(d2), k.a(e2), k.s(), k.s(),
             ctypes.byref(k.i(n - n_vec + 1)), ctypes.byref(k.i(n)), ctypes.byref(m), k.a(w), k.a(z),
             ctypes.byref(k.i(n)), ctypes.byref(k.i(n_vec)), k.ia(isuppz), ctypes.byref(tryrac))
-    iwq = np.empty(1, np.intc)
-    stemr(*head, k.a(wq), ctypes.byref(k.i(-1)), k.ia(iwq), ctypes.byref(k.i(-1)), ctypes.byref(info))
-    _check(info, "stemr workspace query")
-    d2, e2 = d.copy(), e.copy()
-    head = head[:3] + (k.a(d2), k.a(e2)) + head[5:]
-    work, iwork = np.empty(max(1, int(wq[0])), g.dtype), np.empty(max(1, int(iwq[0])), np.intc)
-    stemr(*head, k.a(work), ctypes.byref(k.i(work.size)), k.ia(iwork), ctypes.byref(k.i(iwork.size)),
-          ctypes.byref(info))
-    _check(info, "stemr")
+    _run(k, stemr, head, g.dtype, "stemr", iwork=True)  # the size query leaves d2, e2 untouched
     if m.value != n_vec:
         raise np.linalg.LinAlgError(f"LAPACK stemr returned {m.value} of {n_vec} eigenpairs")
 
     head = (k.c("L"), k.c("L"), k.c("N"), ctypes.byref(k.i(n)), ctypes.byref(k.i(n_vec)), k.a(a),
             ctypes.byref(k.i(n)), k.a(tau), k.a(z), ctypes.byref(k.i(n)))
-    ormtr(*head, k.a(wq), ctypes.byref(k.i(-1)), ctypes.byref(info))
-    _check(info, "ormtr workspace query")
-    work = np.empty(max(1, int(wq[0])), g.dtype)
-    ormtr(*head, k.a(work), ctypes.byref(k.i(work.size)), ctypes.byref(info))
-    _check(info, "ormtr")
+    _run(k, ormtr, head, g.dtype, "ormtr", iwork=False)
     return lam[::-1].copy(), z[::-1].T.copy()
