@@ -13,7 +13,8 @@ safetensors + model.safetensors.index.json), then times, each as its own process
 Reports per tool the median / min / max wall time over --repeats, the peak resident memory
 of the process (ru_maxrss from os.wait4 of that child) against one checkpoint's size, the
 speedups of ours, and whether the results agree (delta spectral norm, Frobenius norm,
-effective rank per matrix against the SciPy loop). A depth sweep (--sweep) shows how time and
+effective rank per matrix against the SciPy loop; base_overlap and intruder_count of the strongest delta
+of every shape against float64 numpy SVDs). A depth sweep (--sweep) shows how time and
 memory grow with the number of layers.
 
 Model shape (per side, float32), --layers N (default 24):
@@ -291,6 +292,44 @@ def agreement(ref: dict, other: dict, keys=("spectral_norm", "fro", "effective_r
     return out
 
 
+def _read_tensor(folder: Path, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    idx = folder / "model.safetensors.index.json"
+    fname = json.loads(idx.read_text())["weight_map"][name] if idx.exists() else "model.safetensors"
+    with safe_open(str(folder / fname), "np") as f:
+        return f.get_tensor(name)
+
+
+def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, max_dim: int = 8192) -> dict:
+    """base_overlap and intruder_count of bshadow against float64 numpy SVDs written here from DESIGN's
+    definitions, on the strongest delta (largest delta_fro) of every matrix shape up to max_dim rows
+    and columns (the singular values are checked against the SciPy loop; these need vectors)."""
+    with open(ours_out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pick: dict[tuple, dict] = {}
+    for r in rows:
+        shape = (int(r["rows"]), int(r["cols"]))
+        if max(shape) <= max_dim and (shape not in pick or float(r["delta_fro"]) > float(pick[shape]["delta_fro"])):
+            pick[shape] = r
+    worst_overlap, mismatches, names = 0.0, [], []
+    for shape, r in pick.items():
+        b32, t32 = _read_tensor(base, r["name"]), _read_tensor(tuned, r["name"])
+        b, t, d = b32.astype(np.float64), t32.astype(np.float64), (t32 - b32).astype(np.float64)  # float32 delta, as bshadow
+        ub, _, _ = np.linalg.svd(b, full_matrices=False)
+        ut, _, _ = np.linalg.svd(t, full_matrices=False)
+        ud, _, _ = np.linalg.svd(d, full_matrices=False)
+        K, T = min(topk, min(shape)), min(10, min(shape))
+        overlap = float(np.sum((ub[:, :K].T @ ud[:, :K]) ** 2) / K)
+        intruders = int(np.sum(np.max(np.abs(ut[:, :T].T @ ub), axis=1) < 0.5))
+        worst_overlap = max(worst_overlap, abs(overlap - float(r["base_overlap"])))
+        if intruders != int(float(r["intruder_count"])):
+            mismatches.append(f"{r['name']}: {r['intruder_count']} vs {intruders}")
+        names.append(r["name"])
+    return {"matrices": len(names), "max_abs_base_overlap": worst_overlap,
+            "intruder_count_mismatches": len(mismatches), "mismatched": mismatches}
+
+
 def measure(tools, base, tuned, work: Path, repeats: int) -> dict:
     runs = {t: [] for t in tools}
     outputs = {}
@@ -338,6 +377,8 @@ def measure(tools, base, tuned, work: Path, repeats: int) -> dict:
                 agree[tool] = agreement(outputs["scipy"], outputs[tool],
                                         ("spectral_norm", "fro", "effective_rank") if tool == "ours"
                                         else ("spectral_norm", "fro"))
+    if "ours" in outputs:
+        agree["ours_vectors"] = vector_metric_check(base, tuned, work / "out_ours")
     return {"tools": summary, "agreement": agree}
 
 
@@ -346,7 +387,8 @@ def fmt_table(res: dict, ckpt: int) -> str:
              f"{'ours is x faster':>16s}"]
     ours = res["tools"].get("ours", {}).get("median_s")
     names = {"ours": "bshadow", "scipy": "scipy loop", "ww": "weightwatcher",
-             "ww_alpha": "powerlaw.ww_metrics alpha (float32 SciPy σ) vs weightwatcher alpha"}
+             "ww_alpha": "powerlaw.ww_metrics alpha (float32 SciPy σ) vs weightwatcher alpha",
+             "ours_vectors": "bshadow base_overlap/intruder_count vs float64 numpy SVDs (strongest delta per shape)"}
     for tool, s in res["tools"].items():
         if s.get("failed"):
             lines.append(f"{names[tool]:14s} FAILED rc={s['rc']}")
@@ -355,7 +397,7 @@ def fmt_table(res: dict, ckpt: int) -> str:
         lines.append(f"{names[tool]:14s} {s['median_s']:9.2f} {s['min_s']:7.2f} {s['max_s']:7.2f} "
                      f"{s['peak_rss_bytes'] / 1e9:8.2f} {s['peak_rss_bytes'] / ckpt:9.2f} {speed}")
     for tool, a in res["agreement"].items():
-        lines.append(f"agreement {names[tool]}" + ("" if tool == "ww_alpha" else " vs scipy") + ": " + ", ".join(
+        lines.append(f"agreement {names[tool]}" + ("" if tool in ("ww_alpha", "ours_vectors") else " vs scipy") + ": " + ", ".join(
             f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in a.items()))
     return "\n".join(lines)
 
