@@ -198,8 +198,9 @@ def _left_from_gram(w, g, n_vec: int, floor: float):
     """(top n_vec left singular vectors, their singular values) from syevr on the smaller Gram g.
 
     Only the wanted eigenpairs are computed (LAPACK's MRRR after one tridiagonalisation, with the
-    GIL released: see diagnostics/lapack.py), several times cheaper than a full SVD with vectors. For a tall matrix the
-    Gram gives V and U = W V / sigma; vectors of numerically zero sigma are zeroed (arbitrary).
+    GIL released: see diagnostics/lapack.py), several times cheaper than a full SVD with vectors.
+    For a tall matrix the Gram gives V and U = W V / sigma; vectors of numerically zero sigma are
+    zeroed (arbitrary).
     """
     m, n = w.shape
     lam, vec = lapack.top_eigh(g, n_vec)
@@ -219,7 +220,7 @@ def _partial_sizes(shape, topk: int) -> tuple[int, int, int, int]:
 
 
 def _top_left_task(w, n_vec: int):
-    """Top n_vec left vectors and values of W_base or W_tuned (float32 Gram); base_fro with them."""
+    """Top n_vec left vectors and values of W_base or W_tuned (float32 Gram), and ||W||_F."""
     w = np.asarray(w, np.float32)
     u, s = _left_from_gram(w, _gram_of(w), n_vec, GRAM_VEC_FLOOR)
     fro = np.float32(np.sqrt(sum(np.sum(np.square(w[rows], dtype=np.float64)) for rows in _row_blocks(w))))
