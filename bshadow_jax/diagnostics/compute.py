@@ -130,12 +130,17 @@ def _sv_user_metrics(sv_K):
 # exact method
 # ------------------------------------------------------------------------------------------
 
+def _sizes(shape, topk: int) -> tuple[int, int, int]:
+    """k = min(m, n), K (top-k vectors of base and delta) and T (tuned vectors of the intruder test)."""
+    k = min(shape)
+    return k, max(1, min(topk, k)), min(N_INTRUDER, k)
+
+
 def _pair_setup(b, t, topk: int):
-    """float32 base, tuned and delta, with k = min(m, n), K (top-k) and T (intruder count) sizes."""
+    """float32 base, tuned and delta, with the _sizes of the pair."""
     b = b.astype(jnp.float32)
     t = t.astype(jnp.float32)
-    k = min(b.shape)
-    return b, t, t - b, k, max(1, min(topk, k)), min(N_INTRUDER, k)
+    return (b, t, t - b) + _sizes(b.shape, topk)
 
 
 def _exact_pair_one(b, t, topk: int):
@@ -148,7 +153,7 @@ def _exact_pair_one(b, t, topk: int):
 
 def _exact_metrics(b, d, ub, sb, ut_MxT, st_T, ud_MxK, sd, topk: int):
     """Every exact pair metric from the three decompositions (however they were computed)."""
-    K = max(1, min(topk, min(b.shape)))
+    _, K, _ = _sizes(b.shape, topk)
     count, _ = _intruders(ut_MxT, st_T, ub, sb, sb[0], complete=True)
     out = {
         "base_fro": _fro(b),
@@ -173,8 +178,7 @@ def _host_svd(w):
 def _host_pair_decompositions(pair, topk: int):
     b, t = (np.asarray(x, np.float32) for x in pair)
     d = t - b
-    k = min(b.shape)
-    K, T = max(1, min(topk, k)), min(N_INTRUDER, k)
+    _, K, T = _sizes(b.shape, topk)
     ub, sb, _ = _host_svd(b)
     ut, st, _ = _host_svd(t)
     ud, sd, _ = _host_svd(d)
@@ -189,11 +193,6 @@ HOST_BASE_VECTORS = 32  # base left vectors searched for each tuned top-10 vecto
 GRAM64_VEC_FLOOR = 1e-6  # sigma / sigma_1 below this: direction undefined in a float64 Gram
 
 
-def _gram_of(w):
-    m, n = w.shape
-    return w @ w.T if m <= n else w.T @ w
-
-
 def _left_from_gram(w, g, n_vec: int, floor: float):
     """(top n_vec left singular vectors, their singular values) from syevr on the smaller Gram g.
 
@@ -202,29 +201,40 @@ def _left_from_gram(w, g, n_vec: int, floor: float):
     For a tall matrix the Gram gives V and U = W V / sigma; vectors of numerically zero sigma are
     zeroed (arbitrary).
     """
-    m, n = w.shape
     lam, vec = lapack.top_eigh(g, n_vec)
     sv = np.sqrt(np.maximum(lam, 0.0))
-    if m > n:
-        ok = sv > sv[0] * floor
-        vec = (w @ vec) / np.where(ok, sv, 1.0)
-        vec[:, ~ok] = 0.0
+    if w.shape[0] > w.shape[1]:
+        vec = _left_from_right(w, vec, sv, floor)
     return vec.astype(np.float32), sv.astype(np.float32)
 
 
+def _left_from_right(w, v_NxK, sv_K, floor: float):
+    """U = W V / sigma for a tall W (its Gram gave V), in V's dtype, a block of rows at a time;
+    vectors of numerically zero sigma are zeroed (arbitrary anyway)."""
+    ok = sv_K > sv_K[0] * floor
+    u = np.concatenate([np.asarray(w[rows], v_NxK.dtype) @ v_NxK for rows in _row_blocks(w)])
+    u /= np.where(ok, sv_K, 1.0)
+    u[:, ~ok] = 0.0
+    return u
+
+
 def _partial_sizes(shape, topk: int) -> tuple[int, int, int, int]:
-    """(k, K delta vectors, T tuned vectors, R base vectors) for the host partial path."""
-    k = min(shape)
-    K = max(1, min(topk, k))
-    return k, K, min(N_INTRUDER, k), min(k, max(HOST_BASE_VECTORS, K))
+    """_sizes and R, the base vectors the host partial path computes."""
+    k, K, T = _sizes(shape, topk)
+    return k, K, T, min(k, max(HOST_BASE_VECTORS, K))
 
 
 def _top_left_task(w, n_vec: int):
-    """Top n_vec left vectors and values of W_base or W_tuned (float32 Gram), and ||W||_F."""
+    """Top n_vec left vectors and values of W_base or W_tuned (float32 Gram)."""
     w = np.asarray(w, np.float32)
-    u, s = _left_from_gram(w, _gram_of(w), n_vec, GRAM_VEC_FLOOR)
-    fro = np.float32(np.sqrt(sum(np.sum(np.square(w[rows], dtype=np.float64)) for rows in _row_blocks(w))))
-    return u, s, fro
+    return _left_from_gram(w, _gram_smaller(w), n_vec, GRAM_VEC_FLOOR)
+
+
+def _base_task(b, n_vec: int):
+    """_top_left_task of W_base, and ||W_base||_F (accumulated in float64, a block at a time)."""
+    u, s = _top_left_task(b, n_vec)
+    b = np.asarray(b, np.float32)
+    return u, s, np.float32(np.sqrt(sum(np.sum(np.square(b[rows], dtype=np.float64)) for rows in _row_blocks(b))))
 
 
 def _delta_task(b, t, n_vec: int):
@@ -234,10 +244,7 @@ def _delta_task(b, t, n_vec: int):
     lam, vec = lapack.eigvalsh_and_top(_gram64(d), n_vec)
     sd = np.sqrt(np.maximum(lam, 0.0)) + 0.0  # no -0.0
     if d.shape[0] > d.shape[1]:
-        ok = sd[:n_vec] > sd[0] * GRAM64_VEC_FLOOR
-        proj = np.concatenate([d[rows].astype(np.float64) @ vec for rows in _row_blocks(d)])
-        vec = proj / np.where(ok, sd[:n_vec], 1.0)
-        vec[:, ~ok] = 0.0
+        vec = _left_from_right(d, vec, sd[:n_vec], GRAM64_VEC_FLOOR)
     return vec.astype(np.float32), sd.astype(np.float32)
 
 
@@ -251,7 +258,7 @@ def _host_partial_decompositions(base_BxMxN, tuned_BxMxN, topk: int):
     tasks = []
     for i in range(B):  # the float64 delta, the longest, first
         tasks += [functools.partial(_delta_task, base_BxMxN[i], tuned_BxMxN[i], K),
-                  functools.partial(_top_left_task, base_BxMxN[i], R),
+                  functools.partial(_base_task, base_BxMxN[i], R),
                   functools.partial(_top_left_task, tuned_BxMxN[i], T)]
     res = _host_map(lambda task: task(), tasks)
     delta, base, tuned = res[0::3], res[1::3], res[2::3]
@@ -271,7 +278,7 @@ def _row_blocks(w):
 def _gram64(w):
     """float64 Gram on the smaller side, accumulated over blocks of the long side: a full float64
     copy of a 32000 x 1024 embedding delta alone would be a fifth of its checkpoint."""
-    tall = w if w.shape[0] > w.shape[1] else w.T  # m <= n: W W^T, the left side, as _gram_of
+    tall = w if w.shape[0] > w.shape[1] else w.T  # m <= n: W W^T, the left side, as _gram_smaller
     g = np.zeros((tall.shape[1], tall.shape[1]), np.float64)
     for rows in _row_blocks(tall):
         blk = tall[rows].astype(np.float64)
@@ -354,9 +361,10 @@ def _host_exact_pairs(base_BxMxN, tuned_BxMxN, topk: int) -> dict:
 # fast method, stage 1 (everything but the delta eigvalsh)
 # ------------------------------------------------------------------------------------------
 
-def _gram_smaller(d):
-    m, n = d.shape
-    return d @ d.T if m <= n else d.T @ d
+def _gram_smaller(w):
+    """The Gram on the smaller side (W W^T when m <= n, whose eigenvectors are U); numpy or jax."""
+    m, n = w.shape
+    return w @ w.T if m <= n else w.T @ w
 
 
 def _gram_left(w_MxN, n_vec: int):
@@ -505,9 +513,7 @@ def _eigvalsh_desc(g):
 
 def _gram64_sv(w):
     """Singular values from a float64 Gram (host): exact to ~1e-8 sigma_1, cheaper than gesdd."""
-    w = np.asarray(w, np.float64)
-    g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(g)[::-1], 0.0)) + 0.0
+    return np.sqrt(np.maximum(np.linalg.eigvalsh(_gram64(np.asarray(w, np.float32)))[::-1], 0.0)) + 0.0
 
 
 def _svdvals(w):
