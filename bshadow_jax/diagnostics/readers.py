@@ -115,11 +115,18 @@ def _keep(name: str, include, exclude) -> bool:
     return True
 
 
+def _filters(include, exclude):
+    """--include/--exclude as compiled filters (regex strings are compiled; compiled ones pass through)."""
+    def one(f, flag):
+        return footprint.compile_filter(f, flag) if isinstance(f, (str, type(None))) else f
+
+    return one(include, "--include"), one(exclude, "--exclude")
+
+
 def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) -> tuple[list[Item], list[dict]]:
     """Pair tensors by exact name (after --rename on tuned names); items in base order + skipped."""
     rules = footprint.parse_rename(rename)
-    inc = footprint.compile_filter(include, "--include") if isinstance(include, (str, type(None))) else include
-    exc = footprint.compile_filter(exclude, "--exclude") if isinstance(exclude, (str, type(None))) else exclude
+    inc, exc = _filters(include, exclude)
     tuned_map: dict[str, str] = {}
     for tn in tuned_src.names():
         tuned_map.setdefault(footprint.apply_rename(tn, rules), tn)
@@ -158,8 +165,7 @@ def _matrix_items(name: str, tuned_name: str | None, shape: tuple) -> list[Item]
 
 
 def plan_single(src, *, include=None, exclude=None) -> tuple[list[Item], list[dict]]:
-    inc = footprint.compile_filter(include, "--include") if isinstance(include, (str, type(None))) else include
-    exc = footprint.compile_filter(exclude, "--exclude") if isinstance(exclude, (str, type(None))) else exclude
+    inc, exc = _filters(include, exclude)
     items, skipped = [], []
     for n in src.names():
         if not _keep(n, inc, exc):

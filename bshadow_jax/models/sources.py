@@ -94,9 +94,6 @@ class _SafetensorsFile:
             ctx.__exit__(None, None, None)
         return arr
 
-    def close(self) -> None:
-        """Nothing stays open between reads."""
-
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], tuple[int, int]]], int]:
     """{name: (dtype, shape, (begin, end))} and the data start, checked against the file size."""
@@ -274,10 +271,6 @@ class SafetensorsSource(CheckpointSource):
             return config_from_hf(raw)
         except UserError as e:
             raise UserError(f"{self._config_path}: {str(e).removeprefix('config.json: ')}") from None
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
 
 
 def _index_weight_map(index: Path) -> dict[str, Path]:
