@@ -164,14 +164,9 @@ def fig_footprint_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]
             n = min(len(c) for c in curves)
             mean = np.mean([c[:n] for c in curves], axis=0)
             ax1.plot(np.arange(1, n + 1) / n, mean, color=color, label=arm)
-        steps: dict[int, list[float]] = {}
-        for r in recs:
-            for pt in r.get("footprint_curve", []):
-                if pt.get("entropy") is not None:
-                    steps.setdefault(int(pt["step"]), []).append(float(pt["entropy"]))
-        if steps:
-            xs = sorted(steps)
-            ax2.plot(xs, [np.mean(steps[s]) for s in xs], "o-", color=color, label=arm, ms=3)
+        xs, ys = _mean_curve(recs, "footprint_curve", "entropy")
+        if xs:
+            ax2.plot(xs, ys, "o-", color=color, label=arm, ms=3)
     ax1.set_xlabel("fraction of matrices (sorted by energy share)")
     ax1.set_ylabel("cumulative share of update energy")
     ax1.set_title("footprint curve (final fine-tune vs base)")
@@ -185,20 +180,26 @@ def fig_footprint_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]
     return _save(fig, path)
 
 
+def _mean_curve(recs: Sequence[Mapping[str, Any]], curve: str, key: str) -> tuple[list[int], list[float]]:
+    """Steps and the mean over seeds (records) of `key` along each record's `curve`."""
+    steps: dict[int, list[float]] = {}
+    for r in recs:
+        for pt in r.get(curve, []):
+            if pt.get(key) is not None:
+                steps.setdefault(int(pt["step"]), []).append(float(pt[key]))
+    xs = sorted(steps)
+    return xs, [float(np.mean(steps[s])) for s in xs]
+
+
 def fig_training_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]]],
                         base_curve: Sequence[Mapping[str, Any]] | None, path: Path) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if base_curve else 1, figsize=(11 if base_curve else 6, 4), squeeze=False)
     ax = axes[0][0]
     for i, (arm, recs) in enumerate(records_by_arm.items()):
-        steps: dict[int, list[float]] = {}
-        for r in recs:
-            for pt in r.get("train_curve", []):
-                if pt.get("loss") is not None:
-                    steps.setdefault(int(pt["step"]), []).append(float(pt["loss"]))
-        if steps:
-            xs = sorted(steps)
-            ax.plot(xs, [np.mean(steps[s]) for s in xs], color=f"C{i % 10}", label=arm)
+        xs, ys = _mean_curve(recs, "train_curve", "loss")
+        if xs:
+            ax.plot(xs, ys, color=f"C{i % 10}", label=arm)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("training loss (own data)")
     ax.set_title("fine-tuning loss per arm (mean over seeds)")
