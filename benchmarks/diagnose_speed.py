@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_pair import delta_scale, pair_plan  # beside this script; shared with gpu_bench.py
+
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32000, 1024, 16, 4, 64, 2816
 RANK, NOISE = 16, 1e-4
 SHARD_BYTES = 500 * 2**20
@@ -71,30 +73,9 @@ def hf_config(layers: int) -> dict:
 
 
 def tensor_plan(layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    plan = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        plan += [
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "self_attn.q_proj.weight", (HEADS * HEAD_DIM, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (KV_HEADS * HEAD_DIM, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (KV_HEADS * HEAD_DIM, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HEADS * HEAD_DIM)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
-            (p + "mlp.gate_proj.weight", (FFN, HIDDEN)),
-            (p + "mlp.up_proj.weight", (FFN, HIDDEN)),
-            (p + "mlp.down_proj.weight", (HIDDEN, FFN)),
-        ]
-    plan += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-    return plan
-
-
-def _delta_scale(name: str, layers: int) -> float:
-    if "layers." not in name:
-        return 0.002
-    i = int(name.split("layers.")[1].split(".")[0])
-    mid = layers // 3 <= i < max(layers // 3 + 1, 2 * layers // 3)
-    return 0.05 if ("mlp." in name and mid) else 0.01
+    assert HEADS * HEAD_DIM == HIDDEN  # llama_pair derives the head size from the width
+    return pair_plan({"hidden": HIDDEN, "ffn": FFN, "vocab": VOCAB, "layers": layers, "heads": HEADS,
+                      "kv_heads": KV_HEADS})
 
 
 def _tensors(name: str, shape: tuple[int, ...], layers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +87,7 @@ def _tensors(name: str, shape: tuple[int, ...], layers: int) -> tuple[np.ndarray
     base *= np.float32(0.02)
     a = rng.standard_normal((shape[0], RANK), dtype=np.float32)
     b = rng.standard_normal((RANK, shape[1]), dtype=np.float32)
-    tuned = (a @ b) * np.float32(_delta_scale(name, layers) / math.sqrt(RANK * shape[1]))
+    tuned = (a @ b) * np.float32(delta_scale(name, layers) / math.sqrt(RANK * shape[1]))
     tuned += np.float32(NOISE) * rng.standard_normal(shape, dtype=np.float32)
     tuned += base
     return base, tuned
@@ -186,33 +167,38 @@ def _scipy_metrics(sv: np.ndarray) -> dict:
     }
 
 
+def weight_map(folder) -> dict[str, str]:
+    """Tensor name -> file of a checkpoint folder (sharded with an index, or one model.safetensors)."""
+    from safetensors import safe_open
+
+    idx = Path(folder) / "model.safetensors.index.json"
+    if idx.exists():
+        return json.loads(idx.read_text())["weight_map"]
+    with safe_open(str(Path(folder) / "model.safetensors"), "np") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def get_tensor(folder, fname: str, name: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    # open per tensor: only this tensor's pages are mapped, so RSS stays at a few tensors
+    with safe_open(str(Path(folder) / fname), "np") as f:
+        return f.get_tensor(name)
+
+
 def baseline_scipy(base: str, tuned: str, out_json: str) -> None:
     """What a user would write: safe_open both checkpoints, svdvals of each float32 delta."""
     import scipy.linalg
-    from safetensors import safe_open
 
-    def index(folder):
-        idx = Path(folder) / "model.safetensors.index.json"
-        if idx.exists():
-            return json.loads(idx.read_text())["weight_map"]
-        with safe_open(str(Path(folder) / "model.safetensors"), "np") as f:
-            return {k: "model.safetensors" for k in f.keys()}
-
-    bmap, tmap = index(base), index(tuned)
-
-    def get(folder, fname, name):
-        # open per tensor: only this tensor's pages are mapped, so RSS stays at a few tensors
-        with safe_open(str(Path(folder) / fname), "np") as f:
-            return f.get_tensor(name)
-
+    bmap, tmap = weight_map(base), weight_map(tuned)
     results, spectra = {}, {}
     for name in bmap:
         if name not in tmap:
             continue
-        b = get(base, bmap[name], name)
+        b = get_tensor(base, bmap[name], name)
         if b.ndim != 2:
             continue
-        t = get(tuned, tmap[name], name)
+        t = get_tensor(tuned, tmap[name], name)
         d = np.subtract(t, b, dtype=np.float32)
         spectra[name] = scipy.linalg.svdvals(d)
         results[name] = _scipy_metrics(spectra[name])
@@ -292,15 +278,6 @@ def agreement(ref: dict, other: dict, keys=("spectral_norm", "fro", "effective_r
     return out
 
 
-def _read_tensor(folder: Path, name: str) -> np.ndarray:
-    from safetensors import safe_open
-
-    idx = folder / "model.safetensors.index.json"
-    fname = json.loads(idx.read_text())["weight_map"][name] if idx.exists() else "model.safetensors"
-    with safe_open(str(folder / fname), "np") as f:
-        return f.get_tensor(name)
-
-
 def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, max_dim: int = 8192) -> dict:
     """base_overlap and intruder_count of bshadow against float64 numpy SVDs written here from DESIGN's
     definitions, on the strongest delta (largest delta_fro) of every matrix shape up to max_dim rows
@@ -313,8 +290,9 @@ def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, 
         if max(shape) <= max_dim and (shape not in pick or float(r["delta_fro"]) > float(pick[shape]["delta_fro"])):
             pick[shape] = r
     worst_overlap, mismatches, names = 0.0, [], []
+    bmap, tmap = weight_map(base), weight_map(tuned)
     for shape, r in pick.items():
-        b32, t32 = _read_tensor(base, r["name"]), _read_tensor(tuned, r["name"])
+        b32, t32 = get_tensor(base, bmap[r["name"]], r["name"]), get_tensor(tuned, tmap[r["name"]], r["name"])
         b, t, d = b32.astype(np.float64), t32.astype(np.float64), (t32 - b32).astype(np.float64)  # float32 delta, as bshadow
         ub, _, _ = np.linalg.svd(b, full_matrices=False)
         ut, _, _ = np.linalg.svd(t, full_matrices=False)

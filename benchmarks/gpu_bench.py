@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from llama_pair import delta_scale, pair_plan  # noqa: E402  (beside this script; shared with diagnose_speed.py)
+
 H200_BF16_PEAK_TFLOPS = 989.0  # dense bf16, SXM datasheet (same tensor-core rate as the H100)
 GOAL_MFU_1B = 0.40
 GOAL_DIAG_7B_S = 60.0
@@ -307,38 +309,6 @@ def bench_train(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmu
 
 
 # ----------------------------------------------------------------------------------- diagnose
-
-
-def pair_plan(dims: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes of a Llama checkpoint, in file order (norms included: diagnose skips them)."""
-    D, F, V, L = dims["hidden"], dims["ffn"], dims["vocab"], dims["layers"]
-    hd = D // dims["heads"]
-    q, kv = dims["heads"] * hd, dims["kv_heads"] * hd
-    plan = [("model.embed_tokens.weight", (V, D))]
-    for i in range(L):
-        p = f"model.layers.{i}."
-        plan += [
-            (p + "input_layernorm.weight", (D,)),
-            (p + "self_attn.q_proj.weight", (q, D)),
-            (p + "self_attn.k_proj.weight", (kv, D)),
-            (p + "self_attn.v_proj.weight", (kv, D)),
-            (p + "self_attn.o_proj.weight", (D, q)),
-            (p + "post_attention_layernorm.weight", (D,)),
-            (p + "mlp.gate_proj.weight", (F, D)),
-            (p + "mlp.up_proj.weight", (F, D)),
-            (p + "mlp.down_proj.weight", (D, F)),
-        ]
-    plan += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
-    return plan
-
-
-def delta_scale(name: str, layers: int) -> float:
-    """benchmarks/diagnose_speed.py's footprint: MLPs of the middle third strongest."""
-    if "layers." not in name:
-        return 0.002
-    i = int(name.split("layers.")[1].split(".")[0])
-    mid = layers // 3 <= i < max(layers // 3 + 1, 2 * layers // 3)
-    return 0.05 if ("mlp." in name and mid) else 0.01
 
 
 def _gen_fns(dtype_name: str):
