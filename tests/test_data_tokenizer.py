@@ -57,6 +57,19 @@ def test_get_tokenizer_caches_by_config(tmp_path, monkeypatch):
     assert len(list((tmp_path / "tokenizers").iterdir())) == 2
 
 
+def test_get_tokenizer_retrains_when_its_training_texts_change(tmp_path, monkeypatch):
+    """Same config, other training texts (a changed world, split or decontamination): a cached
+    tokenizer trained on the old texts must not be reused."""
+    monkeypatch.setenv("BSHADOW_CACHE", str(tmp_path))
+    cfg = DataConfig(text_source="procedural", vocab_size=320)
+    monkeypatch.setattr(T, "training_corpus", lambda texts, **kw: list(texts[:200]) + SAMPLES)
+    first = T.get_tokenizer(cfg)
+    monkeypatch.setattr(T, "training_corpus", lambda texts, **kw: list(texts[200:400]) + SAMPLES[::-1])
+    second = T.get_tokenizer(cfg)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 2
+    assert second.get_vocab() != first.get_vocab()
+
+
 def test_user_tokenizer_folder(tmp_path, small_corpus):
     tok = T.train_bpe(small_corpus, 400)
     tok.save_pretrained(str(tmp_path / "mine"))

