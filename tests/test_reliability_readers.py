@@ -609,3 +609,56 @@ def test_gguf_byte_mutations_long(gguf_bytes, tmp_path_factory, data):
 @given(changes=st.dictionaries(_config_keys, _json_values | st.just("__delete__"), max_size=4))
 def test_config_json_fuzz_long(hf_folder, tmp_path_factory, changes):
     test_config_json_fuzz.hypothesis.inner_test(hf_folder, tmp_path_factory, changes)
+
+
+# ----------------------------------------------------------------------------- orbax run folders
+
+def _orbax_run(root: Path) -> Path:
+    import jax
+    import orbax.checkpoint as ocp
+    import yaml
+
+    from bshadow_jax.models import LlamaConfig, init_params
+
+    model = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((root / "checkpoints" / "1" / "params").absolute(), init_params(LlamaConfig(**model), jax.random.key(0)))
+    ckpt.wait_until_finished()
+    return root
+
+
+def _data_files(run: Path, under: str = "") -> list[Path]:
+    top = run / "checkpoints" / "1" / "params" / under
+    return sorted(p for p in top.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+@pytest.mark.parametrize("damage", ["delete_data", "delete_array_data", "zero_data", "garbage_metadata",
+                                    "truncate_manifest"])
+def test_damaged_orbax_run_folder(tmp_path, damage):
+    """A damaged run folder read tensor by tensor: exit 2, one error line naming it, no output folder."""
+    good = _orbax_run(tmp_path / "good")
+    bad = _orbax_run(tmp_path / "bad")
+    params = bad / "checkpoints" / "1" / "params"
+    if damage == "delete_data":
+        for p in _data_files(bad):
+            p.unlink()
+    elif damage == "delete_array_data":  # the tree metadata still reads; the arrays do not
+        for p in _data_files(bad, "ocdbt.process_0"):
+            p.unlink()
+    elif damage == "zero_data":
+        for p in _data_files(bad):
+            p.write_bytes(b"\0" * p.stat().st_size)
+    elif damage == "garbage_metadata":
+        (params / "_METADATA").write_text("{not json")
+    else:
+        for p in params.rglob("manifest.ocdbt"):
+            p.write_bytes(p.read_bytes()[:7])
+    out = tmp_path / "out"
+    rc, err = _cli(["diagnose", str(good), str(bad), "--out", str(out)])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(bad) in lines[0], err
+    assert not out.exists()

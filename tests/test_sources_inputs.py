@@ -177,8 +177,8 @@ def test_cli_exit_code_two(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "x.gguf" in err and "Traceback" not in err
 
 
-def test_run_folder_and_step_folder(tmp_path):
-    """A run folder (latest step) and an orbax step folder, written with orbax directly."""
+def test_run_folder_and_step_folder(tmp_path, monkeypatch):
+    """A run folder (latest step) and an orbax step folder, written with orbax directly, read per tensor."""
     import jax
     import orbax.checkpoint as ocp
     import yaml
@@ -195,6 +195,11 @@ def test_run_folder_and_step_folder(tmp_path):
         trees[step] = init_params(cfg, jax.random.key(step))
         ckpt.save((tmp_path / "checkpoints" / str(step) / "params").absolute(), trees[step])
     ckpt.wait_until_finished()
+
+    def whole_load(*a, **k):
+        raise AssertionError("the source must not restore the whole params item")
+
+    monkeypatch.setattr("bshadow_jax.training.checkpoint.load_params_numpy", whole_load)
     for path, step in ((tmp_path, 7), (tmp_path / "checkpoints" / "3", 3)):
         flat = flatten_params(trees[step])
         with open_checkpoint(path) as src:

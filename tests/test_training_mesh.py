@@ -43,6 +43,15 @@ def test_sharded_losses_match_one_device(tmp_path, one_device, data, fsdp, tenso
     for a, b in zip(jax.tree.leaves(one_device.params), jax.tree.leaves(sharded.params)):
         # params: Adam steps are ~lr*sign(g), so tiny gradients amplify reduction-order rounding
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    # the diagnostics read a checkpoint saved across the mesh one tensor at a time, whole
+    from bshadow_jax.models import flatten_params
+    from bshadow_jax.models.sources import open_checkpoint
+
+    final = {k: np.asarray(v) for k, v in flatten_params(sharded.params).items()}
+    with open_checkpoint(sharded.out_dir) as src:
+        assert sorted(src.names()) == sorted(final)
+        for name, want in final.items():
+            np.testing.assert_array_equal(src.read(name), want)
 
 
 def test_mesh_uses_first_devices_and_refuses_too_many():

@@ -330,50 +330,48 @@ class GGUFSource(CheckpointSource):
 
 
 class OrbaxSource(CheckpointSource):
-    """A bshadow run folder (latest step) or an orbax step folder.
-
-    Orbax restores the whole params item at once; the arrays are held on the host.
-    """
+    """A bshadow run folder (latest step) or an orbax step folder, read one tensor at a time."""
 
     kind = "orbax"
 
     def __init__(self, path):
         super().__init__(path)
         try:
-            from bshadow_jax.training.checkpoint import load_run_params
+            from bshadow_jax.training.checkpoint import ParamsLeaves, load_run_config
         except ImportError:
             raise UserError(f"{self.path}: run folders cannot be read in this install") from None
-        self._cfg, params = load_run_params(self.path)
-        from bshadow_jax.models.llama import flatten_params
-
-        self._flat = {k: np.asarray(v) for k, v in flatten_params(params).items()}
-        self._names = sort_layer_order(self._flat)
+        train_cfg, step_dir = load_run_config(self.path)
+        self._leaves = ParamsLeaves(step_dir)
+        self._names = sort_layer_order(self._leaves.names())
+        embed = "model.embed_tokens.weight"
+        if embed not in self._names:
+            raise UserError(f"{self._leaves.item}: no {embed} in the params checkpoint")
+        self._cfg = train_cfg.llama_config(self._leaves.shape(embed)[0])
 
     def names(self) -> list[str]:
         return list(self._names)
 
-    def _get(self, name: str) -> np.ndarray:
-        try:
-            return self._flat[name]
-        except KeyError:
-            raise self._unknown(name) from None
+    def _check(self, name: str) -> str:
+        if name not in self._leaves:
+            raise self._unknown(name)
+        return name
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._get(name).shape)
+        return self._leaves.shape(self._check(name))
 
     def dtype(self, name: str) -> str:
         # the safetensors spelling, like the other kinds ("F32", "BF16")
-        np_name = str(self._get(name).dtype)
+        np_name = str(self._leaves.dtype(self._check(name)))
         return _NUMPY_TO_ST.get(np_name, np_name.upper())
 
     def read(self, name: str) -> np.ndarray:
-        return np.array(self._get(name), dtype=np.float32)
+        return np.asarray(self._leaves.read(self._check(name)), dtype=np.float32)
 
     def config(self):
         return self._cfg
 
     def close(self) -> None:
-        self._flat = {}
+        self._leaves.close()
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:

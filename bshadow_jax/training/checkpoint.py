@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: params, optimizer state, step, RNG and the data-iterator state.
 
 Layout: RUN/checkpoints/<step>/{params,train,data}. `params` is its own item so that
-`load_run_params` (export, diagnostics, `models.load_pretrained`) reads only the weights.
+`load_run_params` (export, `models.load_pretrained`) reads only the weights, and `ParamsLeaves`
+(diagnostics) reads them one tensor at a time.
 Saves are async (the data-iterator state is captured synchronously at save time) and
 finalised by an atomic rename, so a run killed at any moment leaves only complete steps.
 """
@@ -151,8 +152,64 @@ def load_params_numpy(step_dir: str | os.PathLike) -> dict:
     return jax.tree.map(np.asarray, restored)
 
 
-def load_run_params(path: str | os.PathLike):
-    """(LlamaConfig, numpy params) of a run folder's latest step or of one orbax step folder."""
+class ParamsLeaves:
+    """The `params` item of a step folder, one leaf at a time (for checkpoints larger than memory).
+
+    Shapes and dtypes come from orbax's metadata; `read` restores one leaf as a host numpy array
+    through a partial restore, whatever mesh saved it. Leaves are named by their dotted key path
+    ("model.layers.0.mlp.up_proj.weight"), as `models.flatten_params` names them.
+    """
+
+    def __init__(self, step_dir: str | os.PathLike):
+        self.item = Path(step_dir).absolute() / "params"
+        # the handler, not a Checkpointer: one warns on every call that an item folder has no step metadata
+        self._handler = ocp.PyTreeCheckpointHandler()
+        try:
+            meta = self._handler.metadata(self.item)
+        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            raise UserError(f"{self.item}: cannot read the orbax params checkpoint ({type(e).__name__}: {e})") from None
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        self._leaves = {}
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+            self._leaves[".".join(keys)] = (keys, tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype))
+
+    def names(self) -> list[str]:
+        return list(self._leaves)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._leaves
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._leaves[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._leaves[name][2]
+
+    def read(self, name: str) -> np.ndarray:
+        keys = self._leaves[name][0]
+        target: dict = {}
+        node = target
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        try:
+            out = self._handler.restore(
+                self.item, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True)
+            )
+        except Exception as e:  # noqa: BLE001 - orbax re-raises some tensorstore read failures as bare Exception
+            raise UserError(f"{self.item}: cannot read {name} ({type(e).__name__}: {e})") from None
+        for k in keys:
+            out = out[k]
+        return np.asarray(out)
+
+    def close(self) -> None:
+        self._handler.close()
+
+
+def load_run_config(path: str | os.PathLike):
+    """(TrainConfig, step folder) of a run folder's latest step or of one orbax step folder."""
     from bshadow_jax.training.config import TrainConfig
     from bshadow_jax.config import from_dict, read_yaml
 
@@ -160,7 +217,12 @@ def load_run_params(path: str | os.PathLike):
     cfg_path = run_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path}: missing; the run folder's resolved config gives the model config")
-    train_cfg = from_dict(TrainConfig, read_yaml(cfg_path))
+    return from_dict(TrainConfig, read_yaml(cfg_path)), step_dir
+
+
+def load_run_params(path: str | os.PathLike):
+    """(LlamaConfig, numpy params) of a run folder's latest step or of one orbax step folder."""
+    train_cfg, step_dir = load_run_config(path)
     params = load_params_numpy(step_dir)
     vocab = params["model"]["embed_tokens"]["weight"].shape[0]
     return train_cfg.llama_config(vocab), params
