@@ -235,3 +235,28 @@ def test_streamed_checkpoint_above_exact_size_takes_host_partial_path_and_matche
             else:
                 assert v == e[c], (r["name"], c)
     assert any(r["delta_abs_max_test"] > 0 for r in fast.rows)
+
+
+def test_chunk_reads_are_batched_by_bytes_and_match_single_reads(monkeypatch):
+    """Sources with read_many get 2-D tensors in batches of at most READ_BATCH_BYTES; stacks equal read()."""
+    from bshadow_jax.diagnostics import readers
+
+    rng = np.random.default_rng(5)
+    flat = {f"w{i}": rng.standard_normal((16, 8)).astype(np.float32) for i in range(7)}
+    flat["experts"] = rng.standard_normal((3, 16, 8)).astype(np.float32)
+    calls = []
+
+    class Batched(readers.DictSource):
+        def read_many(self, names):
+            calls.append(list(names))
+            return [self.read(n) for n in names]
+
+    monkeypatch.setattr(readers, "READ_BATCH_BYTES", 3 * 16 * 8 * 4)  # three matrices a call
+    chunk = [readers.Item(n, n, n, None, (16, 8)) for n in sorted(k for k in flat if k != "experts")]
+    chunk[3:3] = [readers.Item(f"experts[{e}]", "experts", "experts", e, (16, 8)) for e in range(3)]
+    (got,), finite = readers.load_chunk(chunk, Batched(flat))
+    want = np.stack([flat[it.base_name] if it.index is None else flat["experts"][it.index] for it in chunk])
+    np.testing.assert_array_equal(got, want)
+    assert finite.all()
+    # w0-w2 in one call; each expert slice alone (read(), through the 3-D cache); then w3-w5, then w6 alone
+    assert calls == [["w0", "w1", "w2"], ["w3", "w4", "w5"]]

@@ -215,6 +215,34 @@ def _read_matrix(src, name: str, index: int | None, cache: dict) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+# 2-D tensors are read this many bytes at a time: few calls for kinds with a per-call cost
+# (orbax), and a bounded transient copy beside the chunk's stack
+READ_BATCH_BYTES = 64 * 2**20
+
+
+def _read_batches(chunk: Sequence[Item]) -> list[list[int]]:
+    """Positions in the chunk, grouped for read_many: one 3-D slice alone, 2-D tensors by bytes."""
+    batches: list[list[int]] = []
+    size = 0
+    for i, it in enumerate(chunk):
+        nbytes = 4 * it.shape[0] * it.shape[1]
+        joinable = it.index is None and batches and chunk[batches[-1][0]].index is None
+        if joinable and size + nbytes <= READ_BATCH_BYTES:
+            batches[-1].append(i)
+            size += nbytes
+        else:
+            batches.append([i])
+            size = nbytes
+    return batches
+
+
+def _read_positions(src, chunk: Sequence[Item], positions: list[int], names: list[str], cache: dict):
+    read_many = getattr(src, "read_many", None)  # sources that only have read() (in-memory ones) still work
+    if len(positions) == 1 or read_many is None:
+        return [_read_matrix(src, name, chunk[i].index, cache) for i, name in zip(positions, names)]
+    return [np.asarray(x, dtype=np.float32) for x in read_many(names)]
+
+
 def load_chunk(chunk: Sequence[Item], *sources) -> tuple[list[np.ndarray], np.ndarray]:
     """Stacked float32 arrays (one per source) and a finite mask; non-finite slices are zeroed."""
     stacks = []
@@ -223,19 +251,22 @@ def load_chunk(chunk: Sequence[Item], *sources) -> tuple[list[np.ndarray], np.nd
         cache: dict = {}
         m, n = chunk[0].shape
         out = np.empty((len(chunk), m, n), np.float32)
-        for i, it in enumerate(chunk):
-            name = it.base_name if si == 0 else it.tuned_name
+        for positions in _read_batches(chunk):
+            names = [chunk[i].base_name if si == 0 else chunk[i].tuned_name for i in positions]
             try:
-                x = _read_matrix(src, name, it.index, cache)
+                xs = _read_positions(src, chunk, positions, names, cache)
             except UserError:
                 raise
             except Exception as e:  # a reader failing on one tensor names it
-                raise UserError(f"{getattr(src, 'path', '?')}: tensor {name}: cannot read ({type(e).__name__}: {e})") from e
-            if x.shape != (m, n):
-                raise UserError(f"{getattr(src, 'path', '?')}: tensor {name}: read shape {x.shape} != {(m, n)}")
-            out[i] = x
-            if not np.isfinite(out[i]).all():
-                finite[i] = False
+                raise UserError(f"{getattr(src, 'path', '?')}: tensor {names[0]}: cannot read "
+                                f"({type(e).__name__}: {e})") from e
+            for i, name, x in zip(positions, names, xs):
+                if x.shape != (m, n):
+                    raise UserError(f"{getattr(src, 'path', '?')}: tensor {name}: read shape {x.shape} != {(m, n)}")
+                out[i] = x
+                if not np.isfinite(out[i]).all():
+                    finite[i] = False
+            del xs
         stacks.append(out)
     for s in stacks:
         s[~finite] = 0.0

@@ -164,6 +164,10 @@ class CheckpointSource:
     def read(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
+    def read_many(self, names: list[str]) -> list[np.ndarray]:
+        """`read` of several tensors; kinds with a per-call cost (orbax) read them in one go."""
+        return [self.read(name) for name in names]
+
     def config(self):
         return None
 
@@ -365,7 +369,12 @@ class OrbaxSource(CheckpointSource):
         return _NUMPY_TO_ST.get(np_name, np_name.upper())
 
     def read(self, name: str) -> np.ndarray:
-        return np.asarray(self._leaves.read(self._check(name)), dtype=np.float32)
+        return self.read_many([name])[0]
+
+    def read_many(self, names: list[str]) -> list[np.ndarray]:
+        # one partial restore for all of them: each restore re-reads the whole tree's metadata
+        arrays = self._leaves.read_many([self._check(n) for n in names])
+        return [np.asarray(arrays[n], dtype=np.float32) for n in names]
 
     def config(self):
         return self._cfg

@@ -188,21 +188,31 @@ class ParamsLeaves:
         return self._leaves[name][2]
 
     def read(self, name: str) -> np.ndarray:
-        keys = self._leaves[name][0]
+        return self.read_many([name])[name]
+
+    def read_many(self, names) -> dict[str, np.ndarray]:
+        """name -> host array for every name, from one partial restore."""
         target: dict = {}
-        node = target
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        for name in names:
+            keys = self._leaves[name][0]
+            node = target
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
         try:
             out = self._handler.restore(
                 self.item, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True)
             )
         except Exception as e:  # noqa: BLE001 - orbax re-raises some tensorstore read failures as bare Exception
-            raise UserError(f"{self.item}: cannot read {name} ({type(e).__name__}: {e})") from None
-        for k in keys:
-            out = out[k]
-        return np.asarray(out)
+            what = names[0] if len(names) == 1 else f"{len(names)} tensors from {names[0]}"
+            raise UserError(f"{self.item}: cannot read {what} ({type(e).__name__}: {e})") from None
+        arrays = {}
+        for name in names:
+            node = out
+            for k in self._leaves[name][0]:
+                node = node[k]
+            arrays[name] = np.asarray(node)
+        return arrays
 
     def close(self) -> None:
         self._handler.close()
