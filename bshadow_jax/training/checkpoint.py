@@ -155,9 +155,10 @@ def load_params_numpy(step_dir: str | os.PathLike) -> dict:
 class ParamsLeaves:
     """The `params` item of a step folder, one leaf at a time (for checkpoints larger than memory).
 
-    Shapes and dtypes come from orbax's metadata; `read` restores one leaf as a host numpy array
-    through a partial restore, whatever mesh saved it. Leaves are named by their dotted key path
-    ("model.layers.0.mlp.up_proj.weight"), as `models.flatten_params` names them.
+    Shapes and dtypes come from orbax's metadata. `read`/`read_many` restore only the leaves asked
+    for, as host numpy arrays, through one partial restore, whatever mesh saved them. Leaves are
+    named by their dotted key path ("model.layers.0.mlp.up_proj.weight"), as
+    `models.flatten_params` names them.
     """
 
     def __init__(self, step_dir: str | os.PathLike):
@@ -166,7 +167,7 @@ class ParamsLeaves:
         self._handler = ocp.PyTreeCheckpointHandler()
         try:
             meta = self._handler.metadata(self.item)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - any orbax/tensorstore failure here means an unreadable item
             raise UserError(f"{self.item}: cannot read the orbax params checkpoint ({type(e).__name__}: {e})") from None
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
@@ -190,7 +191,7 @@ class ParamsLeaves:
     def read(self, name: str) -> np.ndarray:
         return self.read_many([name])[name]
 
-    def read_many(self, names) -> dict[str, np.ndarray]:
+    def read_many(self, names: list[str]) -> dict[str, np.ndarray]:
         """name -> host array for every name, from one partial restore."""
         target: dict = {}
         for name in names:
