@@ -181,7 +181,7 @@ def _build_step(cfg, model_cfg):
 
         mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
         compiled = loop._compiled(model_cfg, cfg.optim, cfg.train.steps, cfg.train.compute_dtype,
-                                  cfg.train.grad_accum, mesh)
+                                  cfg.train.grad_accum, mesh, cfg.train.remat)
         state = compiled.init_random(jax.random.key(cfg.seed), cfg.seed)
         return state, compiled.step_fn, mesh_lib.batch_sharding(mesh), "bshadow_jax.training.loop._compiled"
     except (ImportError, AttributeError) as e:  # the loop's private helper moved: same pieces, one device
@@ -194,7 +194,7 @@ def _build_step(cfg, model_cfg):
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
         state = init_state(init_params(model_cfg, jax.random.key(cfg.seed)), tx, cfg.seed)
         step = jax.jit(make_train_step(model_cfg, tx, schedule, compute_dtype=cfg.train.compute_dtype,
-                                       grad_accum=cfg.train.grad_accum), donate_argnums=0)
+                                       grad_accum=cfg.train.grad_accum, remat=cfg.train.remat), donate_argnums=0)
         return state, step, None, "bshadow_jax.training.step.make_train_step (jit, donated)"
 
 
@@ -220,7 +220,8 @@ def _param_count(tree) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmup: int, compute_dtype: str) -> dict:
+def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmup: int, compute_dtype: str,
+                remat: str = "none") -> dict:
     import jax
 
     from bshadow_jax.training.config import train_config_from_dict
@@ -228,7 +229,8 @@ def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmu
     cfg = train_config_from_dict({
         "seed": 0,
         "model": model_dict,
-        "train": {"steps": 1000, "batch_size": batch, "seq_len": seq_len, "compute_dtype": compute_dtype},
+        "train": {"steps": 1000, "batch_size": batch, "seq_len": seq_len, "compute_dtype": compute_dtype,
+                  "remat": remat},
         "optim": {"name": "adamw", "warmup_steps": 10},
     })
     model_cfg = cfg.llama_config()
@@ -263,7 +265,7 @@ def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmu
     del state, batches, m
     fpt, n_matmul = flops_per_token(model_cfg, seq_len)
     return {
-        "step_source": source, "batch": batch, "seq_len": seq_len, "compute_dtype": compute_dtype,
+        "step_source": source, "batch": batch, "seq_len": seq_len, "compute_dtype": compute_dtype, "remat": remat,
         "params_total": n_params, "params_matmul": n_matmul, "flops_per_token": fpt,
         "build_s": build_s, "first_step_s": first_s, "step_s_median": statistics.median(times), "step_s_all": times,
         "step_s_pipelined": pipelined,
@@ -273,14 +275,14 @@ def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmu
 
 
 def bench_train(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmup: int, compute_dtype: str,
-                roofline_tflops: float | None, peak_tflops: float) -> dict:
+                roofline_tflops: float | None, peak_tflops: float, remat: str = "none") -> dict:
     import jax
 
     oom = []
     while True:
         try:
             res = _train_once(model_dict, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
-                              compute_dtype=compute_dtype)
+                              compute_dtype=compute_dtype, remat=remat)
             break
         except Exception as e:
             if not is_oom(e) or batch <= 1:
@@ -525,6 +527,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=8, help="timed steps per model (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling first step")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+                    help="train.remat of both training sections (activation memory for a larger batch)")
     ap.add_argument("--roofline-n", type=int, default=8192)
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
                     help="spec peak the MFU is quoted against (H200 dense bf16: 989)")
@@ -606,7 +610,8 @@ def main(argv=None) -> int:
                         "train_1b": (TINY_MODEL if args.tiny else LLAMA32_1B, args.batch_1b)}[name]
         run_section(name, lambda: bench_train(
             model, batch=batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-            compute_dtype=args.compute_dtype, roofline_tflops=roof, peak_tflops=args.peak_tflops))
+            compute_dtype=args.compute_dtype, roofline_tflops=roof, peak_tflops=args.peak_tflops,
+            remat=args.remat))
         t = results.get(name) or {}
         if "tokens_per_s" in t:
             goal = f" (goal >= {GOAL_MFU_1B:.0%})" if name == "train_1b" else ""

@@ -287,6 +287,14 @@ def _rope_cos_sin(cfg: LlamaConfig, positions_BxT: jax.Array) -> tuple[jax.Array
 
 # ----------------------------------------------------------------------------------- forward
 
+# jax.checkpoint policies per decoder layer, by the name `train.remat` uses
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 def _rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
     # statistics in float32 whatever the compute dtype, as HF does
     x32 = x_BxTxD.astype(jnp.float32)
@@ -358,12 +366,14 @@ def forward(
     positions_BxT: jax.Array | None = None,
     *,
     compute_dtype=jnp.float32,
+    remat: str = "none",
 ) -> jax.Array:
     """Logits float32 [B, T, V]. Pure; jit with cfg static.
 
     segment_ids: 0 = padding; tokens attend causally within their own segment only.
     positions: default arange per row, restarting per segment when segment_ids are given.
     compute_dtype: params stay as given (f32) and are cast inside the computation.
+    remat: what a gradient keeps of each decoder layer (see REMAT_POLICIES); the values are the same.
     """
     dtype = jnp.dtype(compute_dtype)
     tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
@@ -378,15 +388,21 @@ def forward(
     cos, sin = _rope_cos_sin(cfg, jnp.asarray(positions_BxT))
     mask_BxTxT = attention_mask(cfg, segment_ids_BxT)
 
-    model = params["model"]
-    x_BxTxD = jnp.take(model["embed_tokens"]["weight"], tokens_BxT, axis=0).astype(dtype)
-    layers = model["layers"]
-    for i in range(cfg.num_hidden_layers):
-        layer = layers[str(i)]
+    def decoder_layer(layer, x_BxTxD, cos, sin, mask_BxTxT):
         h = _rms_norm(x_BxTxD, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
         x_BxTxD = x_BxTxD + _attention(cfg, layer["self_attn"], h, cos, sin, mask_BxTxT, dtype)
         h = _rms_norm(x_BxTxD, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-        x_BxTxD = x_BxTxD + _mlp(layer["mlp"], h, dtype)
+        return x_BxTxD + _mlp(layer["mlp"], h, dtype)
+
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    if remat != "none":
+        decoder_layer = jax.checkpoint(decoder_layer, policy=REMAT_POLICIES[remat])
+
+    model = params["model"]
+    x_BxTxD = jnp.take(model["embed_tokens"]["weight"], tokens_BxT, axis=0).astype(dtype)
+    for i in range(cfg.num_hidden_layers):
+        x_BxTxD = decoder_layer(model["layers"][str(i)], x_BxTxD, cos, sin, mask_BxTxT)
     x_BxTxD = _rms_norm(x_BxTxD, model["norm"]["weight"], cfg.rms_norm_eps)
     head_VxD = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
     logits = jnp.dot(x_BxTxD.reshape(B * T, -1), head_VxD.astype(dtype).T, preferred_element_type=jnp.float32)

@@ -33,6 +33,10 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     compute_dtype: Literal["float32", "bfloat16"] = "float32"   # master weights stay float32
+    # activation memory of the backward pass, per decoder layer: "none" keeps every activation;
+    # "dots" keeps the matmul outputs and recomputes the elementwise ops and attention probabilities;
+    # "full" keeps only each layer's input and recomputes the layer (least memory, about one extra forward)
+    remat: Literal["none", "dots", "full"] = "none"
     # (answer-only loss is `data.answer_only_loss`: the pipeline writes it into loss_mask)
 
     def validate(self) -> None:

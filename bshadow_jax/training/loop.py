@@ -34,7 +34,7 @@ from bshadow_jax.training.checkpoint import CONFIG_NAME, TOKENIZER_DIRNAME, RunC
 from bshadow_jax.training.config import TrainConfig, load_train_config
 from bshadow_jax.training.optim import make_optimizer
 from bshadow_jax.training.state import TrainState, init_state
-from bshadow_jax.training.step import make_train_step
+from bshadow_jax.training.step import make_train_step, remat_compiler_options
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 METRICS_NAME = "metrics.jsonl"
@@ -198,7 +198,8 @@ class _Compiled:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model_cfg, optim_cfg, steps: int, compute_dtype: str, grad_accum: int, mesh) -> _Compiled:
+def _compiled(model_cfg, optim_cfg, steps: int, compute_dtype: str, grad_accum: int, mesh,
+              remat: str = "none") -> _Compiled:
     """Jitted init and train step, cached across train() calls with the same shapes and settings
 
     (studies run many arms and seeds in one process; seeds and data are arguments, not constants).
@@ -217,10 +218,11 @@ def _compiled(model_cfg, optim_cfg, steps: int, compute_dtype: str, grad_accum: 
     shardings = _state_shardings(abstract, mesh)
     batch_shardings = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}
     step_fn = jax.jit(
-        make_train_step(model_cfg, tx, schedule, compute_dtype=compute_dtype, grad_accum=grad_accum),
+        make_train_step(model_cfg, tx, schedule, compute_dtype=compute_dtype, grad_accum=grad_accum, remat=remat),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
+        compiler_options=remat_compiler_options(remat, mesh.devices.flat[0].platform),
     )
     return _Compiled(
         abstract=abstract,
@@ -280,7 +282,7 @@ def train(
         is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
         if jax.tree.structure(want, is_leaf=is_shape) != jax.tree.structure(got, is_leaf=is_shape) or want != got:
             raise UserError("init_params: shapes or names do not match the config's model section")
-    compiled = _compiled(model_cfg, cfg.optim, tc.steps, tc.compute_dtype, tc.grad_accum, mesh)
+    compiled = _compiled(model_cfg, cfg.optim, tc.steps, tc.compute_dtype, tc.grad_accum, mesh, tc.remat)
     abstract, shardings, step_fn = compiled.abstract, compiled.shardings, compiled.step_fn
 
     if _is_main():
