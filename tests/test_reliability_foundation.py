@@ -10,7 +10,6 @@ import dataclasses
 import json
 import hashlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -368,7 +367,9 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 
 
 _FSIZE_SCRIPT = textwrap.dedent("""
-    import sys
+    import resource, sys
+    # set in the child itself: a preexec_fn would make subprocess fork a multithreaded JAX process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
     from bshadow_jax import fileio
     try:
         fileio.atomic_write_bytes(sys.argv[1], b"x" * (4 << 20))
@@ -383,10 +384,7 @@ def test_disk_full_keeps_old_file(tmp_path):
     p = tmp_path / "model.safetensors"
     p.write_bytes(b"good" * 10)
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-    r = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(p)], preexec_fn=limit, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(p)], capture_output=True, text=True)
     assert r.returncode == 3, r.stderr
     assert "errno 27" in r.stdout  # EFBIG
     assert p.read_bytes() == b"good" * 10
