@@ -236,10 +236,10 @@ def _read_batches(chunk: Sequence[Item]) -> list[list[int]]:
     return batches
 
 
-def _read_positions(src, chunk: Sequence[Item], positions: list[int], names: list[str], cache: dict):
+def _read_names(src, names: list[str], indices: list[int | None], cache: dict) -> list[np.ndarray]:
     read_many = getattr(src, "read_many", None)  # sources that only have read() (in-memory ones) still work
-    if len(positions) == 1 or read_many is None:
-        return [_read_matrix(src, name, chunk[i].index, cache) for i, name in zip(positions, names)]
+    if len(names) == 1 or read_many is None:
+        return [_read_matrix(src, name, index, cache) for name, index in zip(names, indices)]
     return [np.asarray(x, dtype=np.float32) for x in read_many(names)]
 
 
@@ -254,7 +254,7 @@ def load_chunk(chunk: Sequence[Item], *sources) -> tuple[list[np.ndarray], np.nd
         for positions in _read_batches(chunk):
             names = [chunk[i].base_name if si == 0 else chunk[i].tuned_name for i in positions]
             try:
-                xs = _read_positions(src, chunk, positions, names, cache)
+                xs = _read_names(src, names, [chunk[i].index for i in positions], cache)
             except UserError:
                 raise
             except Exception as e:  # a reader failing on one tensor names it

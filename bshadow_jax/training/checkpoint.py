@@ -135,28 +135,20 @@ def resolve_step_dir(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def load_params_numpy(step_dir: str | os.PathLike) -> dict:
     """The `params` item of a step folder as a host numpy pytree, whatever mesh saved it."""
-    item = Path(step_dir).absolute() / "params"
-    ckptr = ocp.StandardCheckpointer()
+    from bshadow_jax.models.llama import unflatten_params
+
+    leaves = ParamsLeaves(step_dir)
     try:
-        meta = ckptr.metadata(item)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        device = jax.local_devices()[0]
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-            tree,
-        )
-        restored = ckptr.restore(item, target)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise UserError(f"{item}: cannot read the orbax params checkpoint ({type(e).__name__}: {e})") from None
-    return jax.tree.map(np.asarray, restored)
+        return unflatten_params(leaves.read_many(leaves.names()))
+    finally:
+        leaves.close()
 
 
 class ParamsLeaves:
     """The `params` item of a step folder, one leaf at a time (for checkpoints larger than memory).
 
-    Shapes and dtypes come from orbax's metadata. `read`/`read_many` restore only the leaves asked
-    for, as host numpy arrays, through one partial restore, whatever mesh saved them. Leaves are
+    Shapes and dtypes come from orbax's metadata. `read_many` restores only the leaves asked for,
+    as host numpy arrays, through one partial restore, whatever mesh saved them. Leaves are
     named by their dotted key path ("model.layers.0.mlp.up_proj.weight"), as
     `models.flatten_params` names them.
     """
@@ -187,9 +179,6 @@ class ParamsLeaves:
 
     def dtype(self, name: str) -> np.dtype:
         return self._leaves[name][2]
-
-    def read(self, name: str) -> np.ndarray:
-        return self.read_many([name])[name]
 
     def read_many(self, names: list[str]) -> dict[str, np.ndarray]:
         """name -> host array for every name, from one partial restore."""
