@@ -25,6 +25,7 @@ import numpy as np
 from bshadow_jax.data import decontam, interventions, world
 from bshadow_jax.data.config import DataConfig
 from bshadow_jax.data.interventions import Plan, StreamSpec
+from bshadow_jax.data.text import text_corpus
 from bshadow_jax.data.tokenizer import special_ids
 
 log = logging.getLogger("bshadow_jax.data.pipeline")
@@ -68,13 +69,6 @@ def _with_stream(rec: dict, *, name: str) -> dict:
     return {**rec, "stream": name}
 
 
-@functools.lru_cache(maxsize=8)
-def _text_corpus(source: str):
-    from bshadow_jax.data.text import load_text
-
-    return load_text(source)
-
-
 @functools.lru_cache(maxsize=4)
 def _hf_records(hf_cfg) -> tuple[dict, ...]:
     from bshadow_jax.data.hf_source import load_hf_examples
@@ -104,7 +98,7 @@ def example_stream(name: str, spec: StreamSpec, cfg: DataConfig, *, seed: int, s
             return grain.MapDataset.source(idx).shuffle(seed=_seed(seed, stage, name)).repeat(None).map(fn)
         return grain.MapDataset.range(shard_index, _INFINITE, shard_count).map(fn)
     if spec.kind == "text":
-        passages = list(_text_corpus(cfg.text_source).train)[shard_index::shard_count]
+        passages = list(text_corpus(cfg.text_source).train)[shard_index::shard_count]
         src = grain.MapDataset.source(passages).shuffle(seed=_seed(seed, stage, name)).repeat(None)
         return src.map(functools.partial(_text_record, name=name))
     if spec.kind == "hf":
@@ -285,5 +279,5 @@ def data_metadata(data_cfg: DataConfig) -> dict:
     meta: dict = {"arm": data_cfg.arm, "stages": [[s, w] for s, w in plan.stages],
                   "streams": {n: dataclasses.asdict(s) for n, s in plan.streams.items()}}
     if any(s.kind == "text" for s in plan.streams.values()):
-        meta["text"] = _text_corpus(data_cfg.text_source).metadata
+        meta["text"] = text_corpus(data_cfg.text_source).metadata
     return meta

@@ -11,6 +11,7 @@ that share any 13-gram with a held-out passage are dropped (see decontam).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -151,6 +152,14 @@ def procedural_text(seed: int = 0, n_passages: int = 3000) -> list[str]:
             sents.append(s[0].upper() + s[1:] + rng.choice([".", ".", ".", "!", "?"]))
         out.append(" ".join(sents))
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def text_corpus(source: str) -> TextCorpus:
+    """`load_text(source)` once per process: the tokenizer, the training streams and the eval sets
+    of a run all read the same split (splitting and decontaminating takes ~1 s, and is not cached
+    on disk)."""
+    return load_text(source)
 
 
 def load_text(source: str = "auto", *, eval_fraction: float = 0.05, seed: int = 0,

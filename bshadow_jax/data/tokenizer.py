@@ -81,9 +81,9 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    from bshadow_jax.data.text import cache_dir, load_text
+    from bshadow_jax.data.text import cache_dir, text_corpus
 
-    corpus = load_text(data_cfg.text_source)
+    corpus = text_corpus(data_cfg.text_source)
     texts = training_corpus(corpus.train)
     # keyed by the training texts themselves: a change to the skill world, the text split or
     # decontamination trains a new tokenizer instead of reusing one trained on other data

@@ -99,9 +99,9 @@ def build_eval_sets(data_cfg: DataConfig | None = None, *, n_narrow_per_skill: i
     meta = {"benchmark_skills": bench, "benchmark_format": cfg.benchmark_format, "world_seed": seed,
             "eval_fraction": frac}
     if n_text > 0:
-        from bshadow_jax.data.text import load_text
+        from bshadow_jax.data.text import text_corpus
 
-        corpus = load_text(cfg.text_source)
+        corpus = text_corpus(cfg.text_source)
         text = tuple(sorted(corpus.heldout, key=decontam.text_id)[:n_text])
         meta["text"] = corpus.name
     return EvalSets(tuple(narrow), tuple(broad), text, meta)

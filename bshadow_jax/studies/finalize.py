@@ -56,12 +56,12 @@ def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, 
 
 def _general_text_used(cfg: StudyConfig) -> dict:
     """Which general text the fine-tunes really got (Shakespeare, or the procedural fallback)."""
-    from bshadow_jax.data.pipeline import _text_corpus
+    from bshadow_jax.data.text import text_corpus
 
     data = cfg.finetune.get("data") if isinstance(cfg.finetune, Mapping) else None
     source = (data or {}).get("text_source", "auto")
     try:
-        corpus = _text_corpus(source)
+        corpus = text_corpus(source)
     except (ValueError, OSError) as e:  # a report must not fail over a provenance note
         return {"requested": source, "error": str(e)}
     return {"requested": source, "used": corpus.name, **corpus.metadata}
