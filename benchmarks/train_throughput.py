@@ -5,7 +5,7 @@
 
 Times every system once per round, back to back, for --rounds rounds, and prints per-round medians
 and the median of the per-round ratios (this machine's speed drifts by 2x within minutes), for:
-  * our jitted train step (AdamW, clipping, masked CE; the config's compute dtype), one device;
+  * our jitted train step (AdamW, clipping, masked CE; the config's compute dtype and remat), one device;
     with --seeds S > 1, S models (different seeds) vmapped through one step (tokens/s counts all S);
   * a jitted float32 1024^3 matmul: the roofline MFU is quoted against (same process, same moment);
   * a PyTorch eager CPU step of the same architecture/batch/optimizer
@@ -69,25 +69,27 @@ def setup_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, seeds: int = 
     from bshadow_jax.models.llama import init_params
     from bshadow_jax.training.optim import make_optimizer
     from bshadow_jax.training.state import init_state
-    from bshadow_jax.training.step import make_train_step
+    from bshadow_jax.training.step import make_train_step, remat_compiler_options
     from bshadow_jax.training.synthetic import synthetic_batch
 
     tx, schedule = make_optimizer(train_cfg.optim, 10_000)
-    kw = dict(compute_dtype=train_cfg.train.compute_dtype, grad_accum=train_cfg.train.grad_accum)
+    tc = train_cfg.train
+    kw = dict(compute_dtype=tc.compute_dtype, grad_accum=tc.grad_accum, remat=tc.remat)
+    jit_kw = dict(donate_argnums=0, compiler_options=remat_compiler_options(tc.remat, jax.devices()[0].platform))
 
     def batch(i, seed):
         return synthetic_batch(i, vocab_size=model_cfg.vocab_size, seq_len=seq_len, batch_size=batch_size, seed=seed)
 
     if seeds == 1:
         state = init_state(init_params(model_cfg, jax.random.key(0)), tx, 0)
-        step = jax.jit(make_train_step(model_cfg, tx, schedule, **kw), donate_argnums=0)
+        step = jax.jit(make_train_step(model_cfg, tx, schedule, **kw), **jit_kw)
         batches = [jax.device_put(batch(i, 0)) for i in range(4)]
     else:
         # S models vmapped through one step (tried for the studies' arms x seeds; slower per token
         # than one model on XLA:CPU, see RESULTS.md, so the library does not use it)
         states = [init_state(init_params(model_cfg, jax.random.key(s)), tx, s) for s in range(seeds)]
         state = jax.tree.map(lambda *xs: np.stack(xs), *states)
-        step = jax.jit(jax.vmap(make_train_step(model_cfg, tx, schedule, **kw)), donate_argnums=0)
+        step = jax.jit(jax.vmap(make_train_step(model_cfg, tx, schedule, **kw)), **jit_kw)
         batches = [jax.device_put({k: np.stack([batch(i, s)[k] for s in range(seeds)]) for k in batch(i, 0)})
                    for i in range(4)]
     t = time.perf_counter()
