@@ -613,21 +613,14 @@ def test_config_json_fuzz_long(hf_folder, tmp_path_factory, changes):
 
 # ----------------------------------------------------------------------------- orbax run folders
 
-def _orbax_run(root: Path) -> Path:
+def _orbax_run(write_orbax_run, root: Path) -> Path:
     import jax
-    import orbax.checkpoint as ocp
-    import yaml
 
     from bshadow_jax.models import LlamaConfig, init_params
 
     model = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1)
-    root.mkdir(parents=True)
-    (root / "config.yaml").write_text(yaml.safe_dump({"model": model}))
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save((root / "checkpoints" / "1" / "params").absolute(), init_params(LlamaConfig(**model), jax.random.key(0)))
-    ckpt.wait_until_finished()
-    return root
+    return write_orbax_run(root, model, {1: init_params(LlamaConfig(**model), jax.random.key(0))})
 
 
 def _data_files(run: Path, under: str = "") -> list[Path]:
@@ -637,10 +630,10 @@ def _data_files(run: Path, under: str = "") -> list[Path]:
 
 @pytest.mark.parametrize("damage", ["delete_data", "delete_array_data", "zero_data", "garbage_metadata",
                                     "truncate_manifest"])
-def test_damaged_orbax_run_folder(tmp_path, damage):
+def test_damaged_orbax_run_folder(tmp_path, damage, write_orbax_run):
     """A damaged run folder read tensor by tensor: exit 2, one error line naming it, no output folder."""
-    good = _orbax_run(tmp_path / "good")
-    bad = _orbax_run(tmp_path / "bad")
+    good = _orbax_run(write_orbax_run, tmp_path / "good")
+    bad = _orbax_run(write_orbax_run, tmp_path / "bad")
     params = bad / "checkpoints" / "1" / "params"
     if damage == "delete_data":
         for p in _data_files(bad):

@@ -177,24 +177,17 @@ def test_cli_exit_code_two(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "x.gguf" in err and "Traceback" not in err
 
 
-def test_run_folder_and_step_folder(tmp_path, monkeypatch):
+def test_run_folder_and_step_folder(tmp_path, monkeypatch, write_orbax_run):
     """A run folder (latest step) and an orbax step folder, written with orbax directly, read per tensor."""
     import jax
-    import orbax.checkpoint as ocp
-    import yaml
 
     from bshadow_jax.models import LlamaConfig, flatten_params, init_params
 
     model = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1)
     cfg = LlamaConfig(**model)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": model}))
-    ckpt = ocp.StandardCheckpointer()
-    trees = {}
-    for step in (3, 7):
-        trees[step] = init_params(cfg, jax.random.key(step))
-        ckpt.save((tmp_path / "checkpoints" / str(step) / "params").absolute(), trees[step])
-    ckpt.wait_until_finished()
+    trees = {step: init_params(cfg, jax.random.key(step)) for step in (3, 7)}
+    write_orbax_run(tmp_path, model, trees)
 
     def whole_load(*a, **k):
         raise AssertionError("the source must not restore the whole params item")
