@@ -6,7 +6,7 @@ Writes a base and a tuned run folder (config.yaml + checkpoints/1/params, the sa
 and deltas as diagnose_speed.py) in a child process, then times two children and reads each
 one's own peak RSS (os.wait4):
   * ours      `bshadow diagnose BASE TUNED --out X` (OrbaxSource: one partial restore per tensor)
-  * whole     both params items restored whole (`training.checkpoint.load_params_numpy`), as the
+  * whole     both params items restored whole (`formats.orbax.load_params_numpy`), as the
               orbax source did before it streamed: the floor of that design
 and prints each peak against one checkpoint's size (the goal: below one checkpoint).
 """
@@ -65,7 +65,7 @@ def generate(root: Path, layers: int) -> None:
 def whole_load(base: str, tuned: str) -> None:
     import jax
 
-    from bshadow_jax.training.checkpoint import load_params_numpy, resolve_step_dir
+    from bshadow_jax.formats.orbax import load_params_numpy, resolve_step_dir
 
     trees = [load_params_numpy(resolve_step_dir(p)[0]) for p in (base, tuned)]
     print(sum(x.nbytes for t in trees for x in jax.tree.leaves(t)))

@@ -8,6 +8,8 @@ built into a dataclass tree. Unknown keys, wrong types and bad values raise
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -211,3 +213,9 @@ def load_config(cls: type[T], path: str | os.PathLike, overrides: list[str] | tu
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a JSON-able description (cache keys, run identities)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

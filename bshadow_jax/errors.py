@@ -27,3 +27,8 @@ def refuse_pickle(path: str | os.PathLike) -> None:
             f"{name}: pickle-based weights are refused (loading them can run code); "
             "convert to safetensors first"
         )
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line, for messages about untrusted files."""
+    return (" ".join(str(e).split()) or type(e).__name__)[:200]

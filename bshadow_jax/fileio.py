@@ -18,6 +18,12 @@ from bshadow_jax.errors import UserError
 _NAME_MAX = 255  # bytes per path component on Linux/macOS file systems
 
 
+def cache_root() -> Path:
+    """Where derived data is cached (tokenizers, text splits, compiled kernels): $BSHADOW_CACHE,
+    default ~/.cache/bshadow_jax. Everything there can be rebuilt; nothing there is an output."""
+    return Path(os.environ.get("BSHADOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax"))
+
+
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     """Join user- or file-controlled names under `root`, refusing anything that escapes it."""
     shown = "/".join(str(p) for p in parts)

@@ -7,7 +7,7 @@ from bshadow_jax.cli import main
 from bshadow_jax.config import from_dict
 from bshadow_jax.data.audit import audit, data_sections
 from bshadow_jax.data.config import DataConfig
-from bshadow_jax.evals import build_eval_sets
+from bshadow_jax.data.evalsets import build_eval_sets
 
 
 @pytest.fixture(scope="module")

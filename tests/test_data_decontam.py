@@ -10,7 +10,7 @@ from bshadow_jax.config import from_dict
 from bshadow_jax.data import pipeline as P
 from bshadow_jax.data.config import DataConfig
 from bshadow_jax.data.text import load_text
-from bshadow_jax.evals import build_eval_sets
+from bshadow_jax.data.evalsets import build_eval_sets
 
 ARMS = [{"arm": "coverage_expanding"}, {"arm": "benchmark_aligned"}, {"arm": "mixture", "alpha": 0.5},
         {"rewrite": True}, {"prompt_repetition": True}, {"arm": "world", "dedup": True, "dedup_pool": 1500}]

@@ -5,6 +5,8 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+
+from bshadow_jax.formats.pytree import flatten as flatten_tree
 import pytest
 
 from bshadow_jax import diagnostics
@@ -37,7 +39,7 @@ def llama_params(rng, layers=L):
 
 
 def perturb(params, rng, scale=0.1):
-    flat = {k: np.array(v) for k, v in run.readers.flatten_pytree(params).items()}
+    flat = {k: np.array(v) for k, v in flatten_tree(params).items()}
     for k, v in flat.items():
         if v.ndim == 2:
             flat[k] = v + scale * rng.standard_normal(v.shape).astype(np.float32)
@@ -56,7 +58,7 @@ def test_diagnose_pytrees_rows_and_summary():
     shares = [r["energy_share"] for r in res.rows]
     assert sum(shares) == pytest.approx(1.0, abs=1e-9)
     for r in res.rows:
-        d = np.asarray(tuned[r["name"]], np.float64) - run.readers.flatten_pytree(base)[r["name"]]
+        d = np.asarray(tuned[r["name"]], np.float64) - flatten_tree(base)[r["name"]]
         assert r["delta_fro"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
         assert r["delta_spectral_norm"] == pytest.approx(np.linalg.norm(d, 2), rel=1e-4)
     reasons = {s["name"]: s["reason"] for s in res.summary["skipped"]}
@@ -128,7 +130,7 @@ def test_registry_custom_metrics_in_csv(tmp_path):
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert "delta_top1_share" in rows[0] and "delta_max_abs" in rows[0]
-    flat_b = run.readers.flatten_pytree(base)
+    flat_b = flatten_tree(base)
     for r in rows:
         d = np.asarray(tuned[r["name"]], np.float64) - flat_b[r["name"]]
         sv = np.linalg.svd(d, compute_uv=False)
@@ -144,7 +146,7 @@ def test_registry_custom_metrics_in_csv(tmp_path):
 def _write_pair(tmp_path, rng, layers=1):
     from safetensors.numpy import save_file
 
-    base = run.readers.flatten_pytree(llama_params(rng, layers))
+    base = flatten_tree(llama_params(rng, layers))
     tuned = perturb(base, rng)
     save_file({k: np.ascontiguousarray(v) for k, v in base.items()}, str(tmp_path / "base.safetensors"))
     save_file({k: np.ascontiguousarray(v) for k, v in tuned.items()}, str(tmp_path / "tuned.safetensors"))

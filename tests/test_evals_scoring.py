@@ -6,7 +6,8 @@ import pytest
 from bshadow_jax.config import from_dict
 from bshadow_jax.data.config import DataConfig
 from bshadow_jax.data.tokenizer import get_tokenizer
-from bshadow_jax.evals import EvalItem, build_eval_sets, evaluate, perplexity, score_items
+from bshadow_jax.data.evalsets import EvalItem, build_eval_sets
+from bshadow_jax.evals import evaluate, perplexity, score_items
 from bshadow_jax.evals import scoring
 
 

@@ -13,13 +13,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from bshadow_jax.models import checkpoint_config
 import pytest
 
 import gguf
 
 from bshadow_jax.models import config_to_hf_dict, flatten_params, forward
-from bshadow_jax.models.gguf import GGUFFile, gguf_tokenizer, load_gguf
-from bshadow_jax.models.sources import open_checkpoint
+from bshadow_jax.formats.gguf import GGUFFile, gguf_tokenizer
+from bshadow_jax.models import load_pretrained
+from bshadow_jax.formats.sources import open_checkpoint
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = (
@@ -51,8 +54,8 @@ def gguf_file(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def loaded(gguf_file):
-    cfg, params = load_gguf(gguf_file)
+def loaded(gguf_path):
+    cfg, params = load_pretrained(gguf_path)
     return cfg, {k: np.asarray(v) for k, v in flatten_params(params).items()}
 
 
@@ -151,7 +154,7 @@ def test_gguf_and_hf_copy_read_identically(gguf_path, hf_dir, loaded):
         assert g.names() == h.names()  # same layer order despite the alphabetical index
         layers = [int(n.split(".")[2]) for n in h.names() if n.startswith("model.layers.")]
         assert layers == sorted(layers)
-        assert g.config() == h.config() == cfg
+        assert checkpoint_config(g) == checkpoint_config(h) == cfg
         for name in g.names():
             assert g.shape(name) == h.shape(name)
             a, b = g.read(name), h.read(name)

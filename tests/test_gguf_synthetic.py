@@ -1,6 +1,6 @@
 """GGUF import on small files written here the way llama.cpp's converter writes them.
 
-References are independent of bshadow_jax.models.gguf: tensor names come from the gguf
+References are independent of bshadow_jax.formats.gguf: tensor names come from the gguf
 package's own TensorNameMap, the q/k permutation is llama.cpp's `LlamaModel.permute`, and
 logits come from transformers' torch models with the original (unpermuted) weights.
 """
@@ -16,8 +16,9 @@ import gguf
 
 from bshadow_jax.errors import UserError
 from bshadow_jax.models import forward
-from bshadow_jax.models.gguf import GGUFFile, gguf_tokenizer, load_gguf
-from bshadow_jax.models.sources import open_checkpoint
+from bshadow_jax.formats.gguf import GGUFFile, gguf_tokenizer
+from bshadow_jax.models import load_pretrained
+from bshadow_jax.formats.sources import open_checkpoint
 
 torch = importlib.import_module("torch")
 transformers = importlib.import_module("transformers")
@@ -95,7 +96,7 @@ def test_weights_config_and_logits_match_transformers(tmp_path, arch, tie):
     path = tmp_path / "tiny.gguf"
     expected = write_gguf(path, model, arch)
 
-    cfg, params = load_gguf(path)
+    cfg, params = load_pretrained(path)
     hf = model.config
     assert (cfg.model_type, cfg.tie_word_embeddings, cfg.attention_bias) == (arch, tie, arch == "qwen2")
     assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (hf.vocab_size, hf.hidden_size, hf.intermediate_size)
@@ -171,7 +172,7 @@ def test_truncated_and_bad_gguf_are_user_errors(tmp_path, tiny_gguf_bytes):
     for name, data in cases.items():
         p = tmp_path / name
         p.write_bytes(data)
-        for fn in (_load_all, load_gguf, open_checkpoint):
+        for fn in (_load_all, load_pretrained, open_checkpoint):
             with pytest.raises(UserError, match=name):
                 fn(p)
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from bshadow_jax.models import checkpoint_config
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -31,7 +33,8 @@ from bshadow_jax.errors import UserError
 from reliability_helpers import Hang, record
 from reliability_helpers import no_hang as _no_hang
 
-sources = importlib.import_module("bshadow_jax.models.sources")
+sources = importlib.import_module("bshadow_jax.formats.sources")
+st_format = importlib.import_module("bshadow_jax.formats.safetensors")
 models = importlib.import_module("bshadow_jax.models")
 
 # No shrinking: a failing case is reported as found (derandomized, so reproducible); keeps failures cheap.
@@ -85,7 +88,7 @@ def read_all(path):
             src.shape(name), src.dtype(name)
             arr = src.read(name)
             assert arr.dtype == np.float32
-        src.config()
+        checkpoint_config(src, required=False)
 
 
 @pytest.fixture(autouse=True)
@@ -264,17 +267,17 @@ def test_index_json_fuzz(hf_folder, tmp_path_factory, weight_map, extra, raw):
     text = raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map} if extra else {"weight_map": weight_map})
     (folder / "model.safetensors.index.json").write_text(text, encoding="utf-8", errors="surrogateescape")
     opened = []
-    real_open = sources._SafetensorsFile.__init__
+    real_open = st_format.SafetensorsFile.__init__
 
     def spy(self, path):
         opened.append(Path(path).resolve())
         real_open(self, path)
 
-    sources._SafetensorsFile.__init__ = spy
+    st_format.SafetensorsFile.__init__ = spy
     try:
         user_error_or_ok(read_all, folder)
     finally:
-        sources._SafetensorsFile.__init__ = real_open
+        st_format.SafetensorsFile.__init__ = real_open
     user_error_or_ok(models.load_pretrained, folder)
     # never a shard outside the checkpoint folder, never a pickle
     assert all(folder.resolve() in p.parents for p in opened), opened

@@ -107,7 +107,7 @@ def _evil(path: Path, marker: Path) -> None:
                                   "model.safetensors", "model.gguf", "weights.npz"])
 def test_pickle_files_never_unpickled(tmp_path, name):
     models = importlib.import_module("bshadow_jax.models")
-    sources = importlib.import_module("bshadow_jax.models.sources")
+    sources = importlib.import_module("bshadow_jax.formats.sources")
     marker = tmp_path / "PWNED"
     p = tmp_path / name
     _evil(p, marker)
@@ -126,7 +126,7 @@ def test_pickle_files_never_unpickled(tmp_path, name):
 
 def test_pickle_shard_in_index_refused(tmp_path):
     models = importlib.import_module("bshadow_jax.models")
-    sources = importlib.import_module("bshadow_jax.models.sources")
+    sources = importlib.import_module("bshadow_jax.formats.sources")
     marker = tmp_path / "PWNED"
     _evil(tmp_path / "pytorch_model-00001.bin", marker)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -103,8 +103,8 @@ DRIVER = textwrap.dedent("""
     if rc == 0:
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         from bshadow_jax.models.llama import flatten_params
-        from bshadow_jax.training.checkpoint import load_run_params
-        _, params = load_run_params(run_dir)
+        from bshadow_jax.models import load_pretrained
+        _, params = load_pretrained(run_dir)
         np.savez(os.path.join(run_dir, "final.npz"), **flatten_params(params))
     sys.exit(rc)
 """)
@@ -156,9 +156,9 @@ def _assert_latest_restorable(run_dir: Path) -> None:
     """The newest complete checkpoint left behind by a fault loads (export/diagnose path)."""
     if not _complete_steps(run_dir):
         return
-    from bshadow_jax.training.checkpoint import load_run_params
+    from bshadow_jax.models import load_pretrained
 
-    cfg, params = load_run_params(run_dir)
+    cfg, params = load_pretrained(run_dir)
     emb = params["model"]["embed_tokens"]["weight"]
     assert emb.shape == (TINY["model"]["vocab_size"], TINY["model"]["hidden_size"])
     assert np.isfinite(emb).all()

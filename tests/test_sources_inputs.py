@@ -6,10 +6,12 @@ import json
 import struct
 
 import numpy as np
+
+from bshadow_jax.models import checkpoint_config
 import pytest
 
 from bshadow_jax.errors import UserError
-from bshadow_jax.models.sources import open_checkpoint, sort_layer_order
+from bshadow_jax.formats.sources import open_checkpoint, sort_layer_order
 
 torch = importlib.import_module("torch")
 from safetensors.numpy import save_file  # noqa: E402
@@ -33,7 +35,7 @@ def test_single_file_kinds_dtypes_and_upcast(tmp_path):
     path = tmp_path / "w.safetensors"
     save_torch(tensors, str(path))
     with open_checkpoint(path) as src:
-        assert src.kind == "safetensors" and src.path == str(path) and src.config() is None
+        assert src.kind == "safetensors" and src.path == str(path) and checkpoint_config(src, required=False) is None
         assert src.names()[0] == "model.embed_tokens.weight" and src.names()[-1] == "model.norm.weight"
         assert src.dtype("model.layers.0.mlp.up_proj.weight") == "BF16"
         for name, t in tensors.items():
@@ -70,7 +72,7 @@ def test_sharded_folder_with_config(tmp_path):
         assert [int(n.split(".")[2]) for n in src.names()] == list(range(12))
         for n in names:
             np.testing.assert_array_equal(src.read(n), a[n])
-        cfg = src.config()
+        cfg = checkpoint_config(src)
         assert cfg.num_hidden_layers == 12 and cfg.rope_theta == 500.0
 
 
@@ -78,7 +80,7 @@ def test_other_architectures_have_no_config(tmp_path):
     save_file({"encoder.w": np.ones((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with open_checkpoint(tmp_path) as src:
-        assert src.names() == ["encoder.w"] and src.config() is None
+        assert src.names() == ["encoder.w"] and checkpoint_config(src, required=False) is None
 
 
 def _bad_inputs(tmp_path):
@@ -192,11 +194,11 @@ def test_run_folder_and_step_folder(tmp_path, monkeypatch, write_orbax_run):
     def whole_load(*a, **k):
         raise AssertionError("the source must not restore the whole params item")
 
-    monkeypatch.setattr("bshadow_jax.training.checkpoint.load_params_numpy", whole_load)
+    monkeypatch.setattr("bshadow_jax.formats.orbax.load_params_numpy", whole_load)
     for path, step in ((tmp_path, 7), (tmp_path / "checkpoints" / "3", 3)):
         flat = flatten_params(trees[step])
         with open_checkpoint(path) as src:
-            assert src.kind == "orbax" and src.config() == cfg
+            assert src.kind == "orbax" and checkpoint_config(src) == cfg
             assert sorted(src.names()) == sorted(flat) and src.names()[0] == "model.embed_tokens.weight"
             for name in src.names():
                 assert src.shape(name) == flat[name].shape and src.dtype(name) == "F32"

@@ -45,7 +45,7 @@ def test_sharded_losses_match_one_device(tmp_path, one_device, data, fsdp, tenso
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
     # the diagnostics read a checkpoint saved across the mesh one tensor at a time, whole
     from bshadow_jax.models import flatten_params
-    from bshadow_jax.models.sources import open_checkpoint
+    from bshadow_jax.formats.sources import open_checkpoint
 
     final = {k: np.asarray(v) for k, v in flatten_params(sharded.params).items()}
     with open_checkpoint(sharded.out_dir) as src:

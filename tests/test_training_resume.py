@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bshadow_jax.errors import UserError
-from bshadow_jax.training.checkpoint import load_run_params
+from bshadow_jax.models import load_pretrained
 from bshadow_jax.training.config import train_config_from_dict
 from bshadow_jax.training.loop import NonFiniteLossError, train
 from bshadow_jax.training.synthetic import make_synthetic_dataset, synthetic_batch
@@ -85,8 +85,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in got] == list(range(1, 13))
     for key in ("loss", "grad_norm", "lr", "tokens"):
         assert [r[key] for r in got] == [r[key] for r in want], key  # bit-exact, not approximately
-    cfg_a, params_a = load_run_params(ref)
-    cfg_b, params_b = load_run_params(run / "checkpoints" / "12")
+    cfg_a, params_a = load_pretrained(ref)
+    cfg_b, params_b = load_pretrained(run / "checkpoints" / "12")
     assert cfg_a == cfg_b and cfg_a.vocab_size == V
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(a, b)
@@ -112,7 +112,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert isinstance(err.value, UserError)
     assert "at step 5" in msg and "step 4" in msg and "optim.lr=" in msg and "\n" not in msg
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
-    _, params = load_run_params(run)
+    _, params = load_pretrained(run)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
     assert max(r["step"] for r in _rows(run)) == 4
     # resuming with clean data continues from step 4
@@ -135,7 +135,7 @@ def test_cli_smoke_writes_run_folder_and_rerun_resumes(tmp_path):
     assert (out / "config.yaml").is_file() and (out / "tokenizer").is_dir()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "4" / "params").is_dir()
-    cfg, params = load_run_params(out)
+    cfg, params = load_pretrained(out)
     assert params["model"]["embed_tokens"]["weight"].shape[0] == cfg.vocab_size > 0
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -170,10 +170,10 @@ def test_cli_external_sigkill_at_random_moments(tmp_path):
 
 def test_load_run_params_refuses_non_runs(tmp_path):
     with pytest.raises(UserError, match="not a bshadow run folder"):
-        load_run_params(tmp_path)
+        load_pretrained(tmp_path)
     (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-123").mkdir(parents=True)
     with pytest.raises(UserError, match="no finished checkpoint"):
-        load_run_params(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_init_params_starts_from_given_weights(tmp_path):

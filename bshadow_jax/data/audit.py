@@ -18,18 +18,20 @@ import copy
 import json
 import math
 import sys
+from pathlib import Path
 
 from bshadow_jax.config import apply_overrides, from_dict, read_yaml
 from bshadow_jax.data import decontam, world
 from bshadow_jax.data.config import DataConfig
+from bshadow_jax.data.evalsets import build_eval_sets
+from bshadow_jax.data.interventions import repeated_subset
+from bshadow_jax.data.pipeline import mixed_examples, resolve_plan
 from bshadow_jax.errors import ConfigError
+from bshadow_jax.fileio import atomic_write_text
 
 
 def sample_records(data_cfg: DataConfig, *, items: int = 2000, seed: int = 0) -> list[tuple[int, dict]]:
     """(stage start step, record) pairs: `items` records from each stage of the training stream."""
-    from bshadow_jax.data.interventions import repeated_subset
-    from bshadow_jax.data.pipeline import mixed_examples, resolve_plan
-
     plan = resolve_plan(data_cfg)
     if data_cfg.repeat_k > 1 and data_cfg.repeat_steps > 0 and not data_cfg.dedup:
         # without a tokenizer the pool is sized for `items` draws, so the audit sees the k repeats
@@ -83,8 +85,6 @@ def summarize_records(records: list[dict], data_cfg: DataConfig, eval_sets=None)
 def audit(data_cfg: DataConfig, *, items: int = 2000, seed: int = 0, eval_sets=None) -> dict:
     """Audit numbers of one data config, over all its stages together and per stage."""
     if eval_sets is None:
-        from bshadow_jax.evals import build_eval_sets
-
         eval_sets = build_eval_sets(data_cfg)
     pairs = sample_records(data_cfg, items=items, seed=seed)
     out = summarize_records([r for _, r in pairs], data_cfg, eval_sets)
@@ -121,8 +121,6 @@ def data_sections(raw: dict, where: str) -> dict[str, dict]:
 
 
 def audit_cli(args: argparse.Namespace) -> int:
-    from bshadow_jax.evals import build_eval_sets
-
     raw = apply_overrides(read_yaml(args.config), args.overrides or [])
     results = {}
     for name, section in data_sections(raw, args.config).items():
@@ -137,10 +135,6 @@ def audit_cli(args: argparse.Namespace) -> int:
         print(f"{name}: alignment {r['benchmark_alignment']:.2f}  skill entropy {r['skill_entropy']:.2f}  "
               f"formats [{fmts}]  eval overlap: exact {ov['exact']}, {ov['ngram']}-gram {ov['texts_with_overlap']}")
     if args.out:
-        from pathlib import Path
-
-        from bshadow_jax.fileio import atomic_write_text
-
         out = Path(args.out)
         target = out / "audit.json" if out.is_dir() or not out.suffix else out
         atomic_write_text(target, json.dumps(results, indent=2, sort_keys=True))

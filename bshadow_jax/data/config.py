@@ -7,11 +7,13 @@ text), small enough for the CPU smoke config. Arms of the regimes study are a ba
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Literal
 
+from bshadow_jax.data.world import FAMILIES, FORMATS
 from bshadow_jax.errors import ConfigError
+
+# named training streams (skill-world slices and general text) that `sources` and `stages` mix
+STREAM_NAMES = ("aligned", "world", "text", "bench_skills_all_formats", "other_skills")
 
 ARMS = (
     "coverage_expanding",  # all skills x all formats + general text
@@ -90,8 +92,6 @@ class DataConfig:
     eval_fraction: float = 0.1  # share of item hash space reserved for evaluation
 
     def validate(self) -> None:
-        from bshadow_jax.data.world import FAMILIES, FORMATS
-
         if not self.tokenizer and not 300 <= self.vocab_size <= 65536:
             raise ConfigError(f"data.vocab_size: must be in [300, 65536], got {self.vocab_size}")
         for s in self.benchmark_skills:
@@ -128,12 +128,13 @@ class DataConfig:
                 raise ConfigError(f"data.stages: the stage at step {st.start_step} has no positive weight")
         if self.sources and not any(w > 0 for w in self.sources.values()):
             raise ConfigError("data.sources: no positive weight")
-        from bshadow_jax.data.interventions import plan_from_config
+        # unknown stream names in sources/stages fail here, before anything runs
+        known = self.stream_names()
+        for where, names in (("data.sources", self.sources), ("data.stages", [n for st in self.stages for n in st.weights])):
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise ConfigError(f"{where}: unknown stream {unknown[0]!r} (known: {', '.join(known)})")
 
-        plan_from_config(self)  # unknown stream names in sources/stages fail here, before anything runs
-
-
-def config_hash(obj) -> str:
-    """Short stable hash of a JSON-able description (cache keys)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    def stream_names(self) -> tuple[str, ...]:
+        """The streams a `custom` arm or `stages` may name (`interventions.standard_streams` builds them)."""
+        return STREAM_NAMES + (("hf",) if self.hf is not None else ())

@@ -22,7 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from bshadow_jax.data import decontam, interventions, world
+from bshadow_jax.data import decontam, evalsets, interventions, world
 from bshadow_jax.data.config import DataConfig
 from bshadow_jax.data.interventions import Plan, StreamSpec
 from bshadow_jax.data.text import text_corpus
@@ -49,7 +49,7 @@ def world_example(i: int, *, name: str, spec: StreamSpec, cfg: DataConfig, seed:
     rng = world.rng_for(cfg.world_seed, seed, stage if not spec.pool_of else "pool", salt, i)
     fam = spec.families[rng.randrange(len(spec.families))]
     fmt = spec.rewrite_to or spec.formats[rng.randrange(len(spec.formats))]
-    banned = decontam.eval_ngram_hashes(cfg.world_seed, cfg.eval_fraction)
+    banned = evalsets.eval_ngram_hashes(cfg.world_seed, cfg.eval_fraction)
     for _ in range(10_000):
         item = world.make_item(fam, rng, cfg.world_seed)
         if decontam.is_eval_item(item.item_id, cfg.eval_fraction):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from bshadow_jax.data import decontam
 from bshadow_jax.data.world import rng_for
-from bshadow_jax.fileio import atomic_write_text
+from bshadow_jax.fileio import atomic_write_text, cache_root
 
 log = logging.getLogger("bshadow_jax.data.text")
 
@@ -36,11 +35,6 @@ class TextCorpus:
     train: tuple[str, ...]
     heldout: tuple[str, ...]
     metadata: dict
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("BSHADOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax")
-    return Path(root)
 
 
 # ----------------------------------------------------------------------------- Gutenberg
@@ -167,7 +161,7 @@ def load_text(source: str = "auto", *, eval_fraction: float = 0.05, seed: int = 
     """General text for pretraining and held-out perplexity; `.name` says which source was used."""
     if source not in ("auto", "shakespeare", "procedural") and not Path(source).is_file():
         raise ValueError(f"{source}: not a text source (auto, shakespeare, procedural or a .txt file)")
-    cache = cache or cache_dir()
+    cache = cache or cache_root()
     if source == "procedural":
         return _corpus("procedural", procedural_text(seed), eval_fraction, {"source": "procedural grammar"})
     if source not in ("auto", "shakespeare"):

@@ -13,8 +13,11 @@ import logging
 from pathlib import Path
 
 from bshadow_jax.data import decontam, world
-from bshadow_jax.data.config import DataConfig, config_hash
+from bshadow_jax.config import config_hash
+from bshadow_jax.data.config import DataConfig
+from bshadow_jax.data.text import text_corpus
 from bshadow_jax.errors import UserError
+from bshadow_jax.fileio import atomic_output_dir, cache_root
 
 log = logging.getLogger("bshadow_jax.data.tokenizer")
 
@@ -81,22 +84,18 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    from bshadow_jax.data.text import cache_dir, text_corpus
-
     corpus = text_corpus(data_cfg.text_source)
     texts = training_corpus(corpus.train)
     # keyed by the training texts themselves: a change to the skill world, the text split or
     # decontamination trains a new tokenizer instead of reusing one trained on other data
     digest = hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
     key = config_hash({"v": TOKENIZER_VERSION, "vocab": data_cfg.vocab_size, "texts": digest})
-    folder = cache_dir() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name}-{key}"
+    folder = cache_root() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name}-{key}"
     if (folder / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # a damaged cache (disk filled up, killed writer): train it again
             log.warning("tokenizer: cached %s unreadable (%s); training it again", folder, type(e).__name__)
-    from bshadow_jax.fileio import atomic_output_dir
-
     log.info("tokenizer: training byte-level BPE (vocab %d, text %s)", data_cfg.vocab_size, corpus.name)
     tok = train_bpe(texts, data_cfg.vocab_size)
     try:

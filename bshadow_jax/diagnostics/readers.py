@@ -1,8 +1,8 @@
 """Tensor sources for the diagnostics and the plan that streams them as same-shape stacks.
 
-Checkpoint files are read through bshadow_jax.models.sources.open_checkpoint (safetensors
-single/sharded, GGUF, orbax): tensor by tensor, never a whole checkpoint. In-memory pytrees
-(nested dicts or flat name -> array dicts) go through DictSource with the same interface.
+Checkpoint files are read through `formats.open_checkpoint` (safetensors single/sharded, GGUF,
+orbax): tensor by tensor, never a whole checkpoint. In-memory pytrees (nested dicts or flat
+name -> array dicts) go through `formats.DictSource` with the same interface.
 """
 from __future__ import annotations
 
@@ -16,66 +16,13 @@ import numpy as np
 
 from bshadow_jax.diagnostics import footprint
 from bshadow_jax.errors import UserError
-
-
-def flatten_pytree(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts (HF-style layout) -> {"a.b.c": array}; flat dicts pass through."""
-    out: dict[str, Any] = {}
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            name = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, Mapping):
-                out.update(flatten_pytree(v, name))
-            elif isinstance(v, (list, tuple)):
-                for i, item in enumerate(v):
-                    out.update(flatten_pytree({str(i): item}, name))
-            else:
-                out[name] = v
-        return out
-    raise TypeError(f"expected a dict of arrays, got {type(tree).__name__}")
-
-
-class DictSource:
-    """An in-memory pytree behind the CheckpointSource interface."""
-
-    kind = "memory"
-
-    def __init__(self, params: Any, path: str = "<memory>"):
-        self.path = path
-        self._flat = flatten_pytree(params)
-
-    def names(self) -> list[str]:
-        return list(self._flat)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(np.shape(self._flat[name]))
-
-    def dtype(self, name: str) -> str:
-        return str(getattr(self._flat[name], "dtype", np.asarray(self._flat[name]).dtype))
-
-    def read(self, name: str) -> np.ndarray:
-        x = self._flat[name]
-        x = np.asarray(x.astype("float32") if hasattr(x, "astype") and "float" not in str(x.dtype) else x)
-        return x.astype(np.float32, copy=False)
-
-    def config(self):
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+from bshadow_jax.formats.sources import DictSource, open_checkpoint
 
 
 @contextlib.contextmanager
 def open_source(path_or_params: Any) -> Iterator[Any]:
-    """A checkpoint path (through models.sources) or an in-memory pytree."""
+    """A checkpoint path (through formats.open_checkpoint), an open source, or an in-memory pytree."""
     if isinstance(path_or_params, (str, bytes)) or hasattr(path_or_params, "__fspath__"):
-        try:
-            from bshadow_jax.models.sources import open_checkpoint
-        except ImportError:  # pragma: no cover - until the GGUF helper's module lands
-            raise UserError(f"{path_or_params}: checkpoint readers are not available (models.sources missing)")
         with open_checkpoint(path_or_params) as src:
             yield src
     elif hasattr(path_or_params, "names") and hasattr(path_or_params, "read"):

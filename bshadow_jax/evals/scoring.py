@@ -17,7 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bshadow_jax.evals.sets import EvalItem, EvalSets
+from bshadow_jax.data.evalsets import EvalItem, EvalSets
+from bshadow_jax.data.tokenizer import special_ids
+from bshadow_jax.models import forward
 
 K_GATHER = 5  # ids gathered per position: the target, then up to 4 single-token options
 
@@ -200,8 +202,6 @@ def model_logprob_fn(model_cfg, params, *, compute_dtype="float32") -> LogprobFn
     import jax
     import jax.numpy as jnp
 
-    from bshadow_jax.models import forward
-
     key = (model_cfg, compute_dtype)
     jitted = _FN_CACHE.get(key)
     if jitted is None:
@@ -229,8 +229,6 @@ def evaluate(model_cfg, params, tokenizer, eval_sets: EvalSets, *, batch_size: i
     narrow.score is acc (option log-likelihood, lm-eval style); broad.score is the mean of its
     categories' acc; by_category holds acc per category (per skill for narrow).
     """
-    from bshadow_jax.data.tokenizer import special_ids
-
     eos, _ = special_ids(tokenizer)
     fn = logprob_fn or model_logprob_fn(model_cfg, params)
     kw = dict(eos=eos, T=seq_len, batch_rows=batch_size)

@@ -1,35 +1,33 @@
-"""Hugging Face checkpoints: config.json <-> LlamaConfig, safetensors <-> param pytree.
+"""Hugging Face layout: config.json <-> LlamaConfig, and writing a loadable HF folder.
 
-Tensors are read one at a time with `safetensors.safe_open` and upcast to float32; names
-map one to one onto the param tree (it mirrors HF names), except a tied lm_head, which is
-dropped because the forward reuses the embedding.
+Reading weights is `models.load_pretrained` (through `formats.open_checkpoint`); names map one
+to one onto the param tree (it mirrors HF names), except a tied lm_head, which is dropped
+because the forward reuses the embedding.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from bshadow_jax.errors import ConfigError, UserError
-from bshadow_jax.models.llama import MODEL_TYPES, LlamaConfig, flatten_params, param_shapes, unflatten_params
+from bshadow_jax.fileio import atomic_output_dir
+from bshadow_jax.formats.gguf import gguf_tokenizer
+from bshadow_jax.formats.orbax import CKPT_DIRNAME, TOKENIZER_DIRNAME
+from bshadow_jax.formats.pytree import flatten
+from bshadow_jax.formats.safetensors import SAFETENSORS_FILE
+from bshadow_jax.models.llama import MODEL_TYPES, LlamaConfig, param_shapes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-# non-parameter buffers some exporters store
-_IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -156,10 +154,13 @@ def config_to_hf_dict(cfg: LlamaConfig) -> dict:
 
 # ----------------------------------------------------------------------------------- reading
 
-def _read_config(folder: Path) -> LlamaConfig:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path}: config.json not found beside the weights")
+def read_hf_config(config_path: Path, *, required: bool = True) -> LlamaConfig | None:
+    """The LlamaConfig of a config.json, parsed by transformers' built-in classes (no remote code).
+
+    Args:
+      config_path: the config.json beside the weights.
+      required: False returns None for a model type outside the Llama family instead of raising.
+    """
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -167,155 +168,21 @@ def _read_config(folder: Path) -> LlamaConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{config_path}: expected a JSON object")
     if raw.get("model_type") not in MODEL_TYPES:
+        if not required:
+            return None
         raise UserError(f"{config_path}: model_type {raw.get('model_type')!r} is not supported "
                         f"(supported: {list(MODEL_TYPES)})")
     try:
         from transformers import AutoConfig
 
         # no trust_remote_code: only the built-in llama/qwen2/mistral classes
-        hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        hf_config = AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds for a bad config
         raise UserError(f"{config_path}: transformers could not read it ({type(e).__name__}: {e})") from None
     try:
         return config_from_hf(hf_config)
     except UserError as e:
         raise UserError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the shard index or the single model.safetensors."""
-    from bshadow_jax.fileio import safe_join
-
-    index_path = folder / SAFETENSORS_INDEX
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index_path}: not a valid safetensors index ({e})") from None
-        out = {}
-        for name, shard in weight_map.items():
-            shard_path = safe_join(folder, str(shard))
-            if not shard_path.is_file():
-                raise UserError(f"{shard_path}: shard listed in {index_path.name} is missing")
-            out[name] = shard_path
-        return out
-    single = folder / SAFETENSORS_FILE
-    if not single.is_file():
-        candidates = sorted(folder.glob("*.safetensors"))
-        if len(candidates) != 1:
-            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            hint = f" (found only pickle weights {pickles[0]}, which are refused)" if pickles else ""
-            raise UserError(f"{folder}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}{hint}")
-        single = candidates[0]
-    return {name: single for name in _safetensors_names(single)}
-
-
-def _safetensors_names(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises SafetensorError / OSError for bad files
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def iter_safetensors(files: dict[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, float32 array) one tensor at a time, grouped by file."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise UserError(f"{path}: tensor {name} listed in the index is not in this shard")
-                    yield name, read_tensor(f, path, name)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def read_tensor(handle, path: Path, name: str) -> np.ndarray:
-    """One tensor as float32; bf16 goes through jax because numpy has no bfloat16."""
-    dtype = handle.get_slice(name).get_dtype()
-    if dtype == "BF16":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="flax") as fj:
-            return np.asarray(fj.get_tensor(name), dtype=np.float32)
-    arr = handle.get_tensor(name)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UserError(f"{path}: tensor {name} has dtype {arr.dtype}, expected floating point weights")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _resolve_hub(path: str) -> Path:
-    """A local snapshot of hub repo `org/name` (safetensors and json only)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo_id=path, allow_patterns=HUB_PATTERNS)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"{path}: not a local file or folder, and downloading it from the Hugging Face Hub failed "
-            f"(offline or not found: {type(e).__name__}: {first})"
-        ) from None
-    return Path(local)
-
-
-def looks_like_hub_id(path: str) -> bool:
-    return bool(_HUB_ID.match(path)) and not os.path.exists(path)
-
-
-def load_hf(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
-    """(cfg, float32 numpy param tree) from an HF folder, a .safetensors file, or a hub id."""
-    p = Path(path)
-    if not p.exists() and looks_like_hub_id(str(path)):
-        p = _resolve_hub(str(path))
-    if p.is_file():
-        folder, files = p.parent, {name: p for name in _safetensors_names(p)}
-    elif p.is_dir():
-        folder, files = p, None
-    else:
-        raise UserError(f"{p}: no such file or folder")
-    cfg = _read_config(folder)
-    files = files if files is not None else weight_files(folder)
-    expected = flatten_params(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    flat: dict[str, np.ndarray] = {}
-    wanted = {}
-    for name, file in files.items():
-        if name in expected:
-            wanted[name] = file
-        elif name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # a stored copy of the tied embedding
-        elif _IGNORED_TENSORS.match(name):
-            continue
-        else:
-            raise UserError(f"{file}: unexpected tensor {name} for a {cfg.model_type} model "
-                            f"with {cfg.num_hidden_layers} layers")
-    missing = sorted(set(expected) - set(wanted))
-    if missing:
-        raise UserError(f"{folder}: tensor {missing[0]} is missing from the checkpoint"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    from tqdm import tqdm
-
-    for name, arr in tqdm(iter_safetensors(wanted), total=len(wanted), desc="loading", unit="tensor",
-                          disable=not sys.stderr.isatty(), leave=False):
-        if tuple(arr.shape) != tuple(expected[name]):
-            raise UserError(f"{wanted[name]}: tensor {name} has shape {tuple(arr.shape)}, "
-                            f"expected {tuple(expected[name])} from config.json")
-        flat[name] = arr
-    return cfg, unflatten_params(flat)
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -328,9 +195,9 @@ def _tokenizer_dirs(source: str | os.PathLike) -> list[Path]:
         return []
     start = p if p.is_dir() else p.parent
     roots = [start]
-    if start.name.isdigit() and start.parent.name == "checkpoints":
+    if start.name.isdigit() and start.parent.name == CKPT_DIRNAME:
         roots.append(start.parent.parent)
-    dirs = [d for r in roots for d in (r, r / "tokenizer")]
+    dirs = [d for r in roots for d in (r, r / TOKENIZER_DIRNAME)]
     return [d for d in dirs if d.is_dir()]
 
 
@@ -344,8 +211,6 @@ def _copy_tokenizer(source: str | os.PathLike, out: Path) -> bool:
     p = Path(source)
     if p.is_file() and p.suffix == ".gguf":
         try:
-            from bshadow_jax.models.gguf import gguf_tokenizer
-
             tok = gguf_tokenizer(p)
         except Exception as e:  # the weights still export; say why the tokenizer did not
             print(f"warning: {p}: tokenizer not exported ({type(e).__name__}: {e})", file=sys.stderr)
@@ -372,11 +237,9 @@ def save_pretrained(
     """Write config.json + model.safetensors (+ tokenizer) as one atomically renamed folder."""
     from safetensors.numpy import save_file
 
-    from bshadow_jax.fileio import atomic_output_dir
-
     cfg.validate()
-    expected = flatten_params(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-    flat = flatten_params(params)
+    expected = flatten(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    flat = flatten(params)
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise UserError(f"params: tensor {missing[0]} is missing for this config")

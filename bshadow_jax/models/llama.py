@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bshadow_jax.errors import ConfigError
+# the param tree mirrors HF names: one naming rule for every reader and writer
+from bshadow_jax.formats.pytree import flatten as flatten_params
+from bshadow_jax.formats.pytree import unflatten as unflatten_params
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -182,33 +185,6 @@ def _init_params_jit(cfg: LlamaConfig, key: jax.Array) -> dict:
         else:
             flat[name] = noise_of[name]
     return unflatten_params(flat)
-
-
-def flatten_params(params: dict, *, is_leaf=None) -> dict[str, Any]:
-    """Nested dict -> {"model.layers.0.self_attn.q_proj.weight": array, ...} (HF names)."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and not (is_leaf and is_leaf(node)):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            out[prefix] = node
-
-    walk(params, "")
-    return out
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict:
-    """Inverse of `flatten_params`; layer indices stay string keys ("0", "1", ...)."""
-    tree: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 # ----------------------------------------------------------------------------------- rope

@@ -276,7 +276,7 @@ def run_finetune(spec: FinetuneSpec, out: Path) -> tuple[str, Path, str]:
 
 def _tokenizer_for(base_path: str, out: Path):
     if base_path.lower().endswith(".gguf"):
-        from bshadow_jax.models.gguf import gguf_tokenizer
+        from bshadow_jax.formats.gguf import gguf_tokenizer
 
         tok = gguf_tokenizer(base_path)
         tok_dir = out / "tokenizer"

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bshadow_jax.config import to_dict
+from bshadow_jax.config import config_hash, to_dict
 from bshadow_jax.errors import UserError
 from bshadow_jax.fileio import atomic_write_json, check_output_dir, safe_join
 from bshadow_jax.studies.aggregate import aggregate_arm, seed_footprint
@@ -32,12 +32,6 @@ _MATRIX_KEYS = ("name", "component", "layer", "module", "expert", "energy_share"
 
 def _log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _hash(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> Any | None:
@@ -56,7 +50,7 @@ def get_tokenizer(data_cfg):
 
 
 def build_eval_sets(cfg: StudyConfig, data_cfg, tokenizer):
-    from bshadow_jax.evals import build_eval_sets as _build
+    from bshadow_jax.data.evalsets import build_eval_sets as _build
 
     del tokenizer  # the eval sets are text; scoring tokenizes
     return _build(data_cfg, **cfg.evals.options)
@@ -155,7 +149,7 @@ def prepare_base(cfg: StudyConfig, out: Path, tokenizer) -> Base:
     pcfg = cfg.pretrain_config()
     run_dir = out / "base" / "run"
     done = out / "base" / "done.json"
-    want = _hash(to_dict(pcfg))
+    want = config_hash(to_dict(pcfg))
     info = _read_json(done)
     if info is not None and info.get("config_hash") != want:
         raise UserError(f"{done}: this study folder's base was pretrained with another config; use a new --out")
@@ -187,7 +181,7 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     # The loop hands us params every `every` steps without an orbax save (callback_every).
     every = max(1, steps // cfg.diagnose.track_points) if cfg.diagnose.track_points > 0 else 0
     tcfg = from_dict(TrainConfig, arm_dict)
-    want = _hash({"train": to_dict(tcfg), **unit_hash_extra})
+    want = config_hash({"train": to_dict(tcfg), **unit_hash_extra})
     rec = _read_json(udir / RECORD)
     if rec is not None:
         if rec.get("config_hash") == want:

@@ -83,7 +83,7 @@ class EvalSpec:
             raise ConfigError("evals: batch_size must be >= 1 and seq_len >= 8")
         import inspect
 
-        from bshadow_jax.evals import build_eval_sets
+        from bshadow_jax.data.evalsets import build_eval_sets
 
         known = [n for n, p in inspect.signature(build_eval_sets).parameters.items() if p.kind == p.KEYWORD_ONLY]
         for k in self.options:

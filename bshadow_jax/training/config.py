@@ -13,14 +13,9 @@ import os
 from typing import Any, Literal
 
 from bshadow_jax.config import from_dict, load_config
+from bshadow_jax.data.config import DataConfig
 from bshadow_jax.errors import ConfigError
-
-try:
-    from bshadow_jax.data.config import DataConfig
-except ImportError:  # pragma: no cover - the data package lands in parallel; keep config usable meanwhile
-    @dataclasses.dataclass(frozen=True)
-    class DataConfig:  # type: ignore[no-redef]
-        pass
+from bshadow_jax.models.llama import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +115,6 @@ class TrainConfig:
 
     def llama_config(self, vocab_size: int | None = None):
         """The model's `LlamaConfig`; `vocab_size` fills in `model.vocab_size: 0`."""
-        from bshadow_jax.models.llama import LlamaConfig
-
         model = dict(self.model)
         if not model.get("vocab_size"):
             if vocab_size is None:

@@ -28,9 +28,10 @@ import numpy as np
 
 from bshadow_jax.config import dump_yaml, read_yaml, to_dict
 from bshadow_jax.errors import UserError
-from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, check_output_dir
+from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, cache_root, check_output_dir
 from bshadow_jax.training import mesh as mesh_lib
-from bshadow_jax.training.checkpoint import CONFIG_NAME, TOKENIZER_DIRNAME, RunCheckpointer
+from bshadow_jax.formats.orbax import CONFIG_NAME, TOKENIZER_DIRNAME
+from bshadow_jax.training.checkpoint import RunCheckpointer
 from bshadow_jax.training.config import TrainConfig, load_train_config
 from bshadow_jax.training.optim import make_optimizer
 from bshadow_jax.training.state import TrainState, init_state
@@ -363,9 +364,8 @@ def train(
 
 def enable_compilation_cache() -> None:
     """Persistent XLA cache for the CLI: a resumed or repeated run skips recompiling."""
-    root = os.environ.get("BSHADOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax")
     if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

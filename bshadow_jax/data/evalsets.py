@@ -12,9 +12,18 @@ which training streams never emit, and is unique by (family, key).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
 
 from bshadow_jax.data import decontam, world
 from bshadow_jax.data.config import DataConfig
+from bshadow_jax.data.text import text_corpus
+from bshadow_jax.fileio import atomic_write_text, cache_root
+
+MAX_EVAL_PER_SALT = 128  # build_eval_sets draws at most this many items per family and salt
+EVAL_SALTS = ("eval", "eval-broad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +86,8 @@ def build_eval_sets(data_cfg: DataConfig | None = None, *, n_narrow_per_skill: i
     """Deterministic from data_cfg.world_seed; sizes keep one evaluation of a ~2M model to seconds."""
     cfg = data_cfg or DataConfig()
     sizes = (n_narrow_per_skill, n_other_per_skill, n_bench_other_per_skill, n_compositional)
-    if max(sizes) > decontam.MAX_EVAL_PER_SALT:
-        raise ValueError(f"eval set sizes are capped at {decontam.MAX_EVAL_PER_SALT} per skill "
+    if max(sizes) > MAX_EVAL_PER_SALT:
+        raise ValueError(f"eval set sizes are capped at {MAX_EVAL_PER_SALT} per skill "
                          "(training streams are decontaminated against that many)")
     seed, frac = cfg.world_seed, cfg.eval_fraction
     bench = list(cfg.benchmark_skills)
@@ -99,9 +108,42 @@ def build_eval_sets(data_cfg: DataConfig | None = None, *, n_narrow_per_skill: i
     meta = {"benchmark_skills": bench, "benchmark_format": cfg.benchmark_format, "world_seed": seed,
             "eval_fraction": frac}
     if n_text > 0:
-        from bshadow_jax.data.text import text_corpus
-
         corpus = text_corpus(cfg.text_source)
         text = tuple(sorted(corpus.heldout, key=decontam.text_id)[:n_text])
         meta["text"] = corpus.name
     return EvalSets(tuple(narrow), tuple(broad), text, meta)
+
+
+@functools.lru_cache(maxsize=8)
+def eval_ngram_hashes(world_seed: int, eval_fraction: float) -> frozenset[int]:
+    """Hashes (this process's `hash`) of the n-grams of every item any eval set may hold, in every format.
+
+    build_eval_sets takes the first n <= MAX_EVAL_PER_SALT items of a fixed per-family sequence
+    for each salt, so this superset covers every eval set it can build for this world. The
+    n-grams are cached on disk, keyed by the source of the code that generates them.
+    """
+    return frozenset(hash(tuple(g.split(" "))) for g in _eval_ngram_strings(world_seed, eval_fraction))
+
+
+def _eval_ngram_strings(world_seed: int, eval_fraction: float) -> list[str]:
+    src = b"".join(Path(m.__file__).read_bytes() for m in (world, decontam)) + Path(__file__).read_bytes()
+    key = hashlib.blake2b(src + f"|{world_seed}|{eval_fraction}".encode(), digest_size=8).hexdigest()
+    path = cache_root() / "decontam" / f"eval-ngrams-{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # a damaged cache file is rebuilt
+    out: set[str] = set()
+    for fam in list(world.FAMILIES) + list(world.EVAL_ONLY_FAMILIES):
+        for salt in EVAL_SALTS:
+            for item in eval_items(world_seed, fam, MAX_EVAL_PER_SALT, eval_fraction, salt=salt):
+                for fmt in world.FORMATS:
+                    ex = world.render(item, fmt)
+                    out.update(" ".join(g) for g in decontam.ngrams(ex.prompt + ex.answer))
+    strings = sorted(out)
+    try:
+        atomic_write_text(path, json.dumps(strings))
+    except OSError:
+        pass  # a read-only cache only costs time
+    return strings

@@ -1,4 +1,4 @@
-"""GGUF files as Hugging Face checkpoints.
+"""GGUF files read as Hugging Face checkpoints: tensors, metadata and the stored tokenizer.
 
 `gguf.GGUFReader` memory-maps the file and `gguf.quants.dequantize` turns any GGML tensor
 type into float32. On top of that this module:
@@ -8,18 +8,22 @@ type into float32. On top of that this module:
   * undoes the row permutation llama.cpp's converter applies to q/k of llama-arch models
     (it interleaves each head's two rotary halves for its GPT-J style RoPE; HF uses
     rotate-half), so the weights run as-is in our forward and in transformers;
-  * builds a `LlamaConfig` from the metadata, and the tokenizer through transformers.
+  * reads the model config's fields from the metadata (`config_dict`; `models` validates them),
+    and the tokenizer through transformers.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bshadow_jax.errors import UserError
+from bshadow_jax.errors import UserError, one_line
+from bshadow_jax.fileio import atomic_output_dir, cache_root
 
 # Architectures whose GGUF q/k rows llama.cpp permutes (LlamaModel.permute in convert_hf_to_gguf.py).
 # qwen2 uses NEOX-style RoPE in llama.cpp, which is HF's rotate-half: no permutation there.
@@ -121,7 +125,7 @@ class GGUFFile:
         try:
             self._reader = _reader_class()(self.path, "r")
         except Exception as e:  # the reader raises anything from ValueError to IndexError on bad bytes
-            raise UserError(f"{self.path}: unreadable GGUF file (truncated or corrupt: {_one_line(e)})") from None
+            raise UserError(f"{self.path}: unreadable GGUF file (truncated or corrupt: {one_line(e)})") from None
         # The memmap views silently stop at end of file; check every tensor really fits before reading.
         for t in self._reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
@@ -148,7 +152,7 @@ class GGUFFile:
         try:
             return f.contents()
         except Exception as e:
-            raise UserError(f"{self.path}: metadata {key} is corrupt ({_one_line(e)})") from None
+            raise UserError(f"{self.path}: metadata {key} is corrupt ({one_line(e)})") from None
 
     def _arch_field(self, key: str, default: Any = None) -> Any:
         return self.field(f"{self.arch}.{key}", default)
@@ -202,7 +206,7 @@ class GGUFFile:
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise UserError(f"{self.path}: tensor {t.name} cannot be dequantized ({_one_line(e)})") from None
+            raise UserError(f"{self.path}: tensor {t.name} cannot be dequantized ({one_line(e)})") from None
         # Always an owned copy: F32 tensors come back as views into the file's memmap.
         w = np.array(w, dtype=np.float32, copy=True).reshape(self.shape(name))
         if self.arch in _PERMUTED_QK_ARCHS:
@@ -284,18 +288,6 @@ class GGUFFile:
             )
         return cfg
 
-    def config(self):
-        """The LlamaConfig of the file, validated."""
-        from bshadow_jax.errors import ConfigError
-        from bshadow_jax.models.llama import LlamaConfig
-
-        cfg = LlamaConfig(**self.config_dict())
-        try:
-            cfg.validate()
-        except ConfigError as e:
-            raise UserError(f"{self.path}: metadata gives an invalid model config ({e})") from None
-        return cfg
-
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         # Drop the reader; the memmap is unmapped when garbage-collected. Closing it by hand
@@ -313,46 +305,6 @@ class GGUFFile:
 def _short(v: Any) -> str:
     r = repr(v)
     return r if len(r) <= 60 else r[:57] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg[:200]
-
-
-def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    return GGUFFile(path)
-
-
-def load_gguf(path: "str | os.PathLike | GGUFFile"):
-    """(LlamaConfig, params) with HF names/layout, dequantized to float32, q/k un-permuted.
-
-    Accepts a path or an already open GGUFFile (left open).
-    """
-    from bshadow_jax.models.llama import flatten_params, param_shapes, unflatten_params
-
-    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
-    try:
-        cfg = f.config()
-        expected = flatten_params(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-        # tensors without an HF counterpart (llama3's rope_freqs) are not parameters
-        present = [n for n in f.names() if hf_name(f.gguf_name(n)) is not None]
-        for name in present:
-            if name not in expected:
-                raise UserError(f"{f.path}: tensor {f.gguf_name(name)} ({name}) does not fit the model config")
-        for name, shape in expected.items():
-            if name not in f.names():
-                raise UserError(f"{f.path}: tensor {name} missing")
-            if f.shape(name) != tuple(shape):
-                raise UserError(
-                    f"{f.path}: tensor {f.gguf_name(name)} has shape {list(f.shape(name))}, "
-                    f"the config needs {list(shape)}"
-                )
-        flat = {n: f.read(n) for n in expected}
-    finally:
-        if f is not path:
-            f.close()
-    return cfg, unflatten_params(flat)
 
 
 def gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
@@ -377,11 +329,9 @@ def gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     except Exception as e:
-        raise UserError(f"{path}: cannot build a tokenizer from the GGUF metadata ({_one_line(e)})") from None
+        raise UserError(f"{path}: cannot build a tokenizer from the GGUF metadata ({one_line(e)})") from None
     if cached is not None:
         try:
-            from bshadow_jax.fileio import atomic_output_dir
-
             with atomic_output_dir(cached) as tmp:
                 tok.save_pretrained(str(tmp))
         except OSError:  # a read-only cache only costs speed
@@ -393,14 +343,10 @@ def gguf_tokenizer(path: str | os.PathLike, *, cache: bool = True):
 _TOKENIZER_KEY_BYTES = 32 * 1024 * 1024
 
 
-def _tokenizer_cache_dir(path: str):
-    import hashlib
-    from pathlib import Path
-
+def _tokenizer_cache_dir(path: str) -> Path:
     import transformers
 
     h = hashlib.sha256(f"gguf-tokenizer-v1 transformers={transformers.__version__} size={os.path.getsize(path)}".encode())
     with open(path, "rb") as fh:
         h.update(fh.read(_TOKENIZER_KEY_BYTES))
-    root = os.environ.get("BSHADOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax")
-    return Path(root) / "gguf_tokenizers" / h.hexdigest()[:32]
+    return cache_root() / "gguf_tokenizers" / h.hexdigest()[:32]
