@@ -9,7 +9,7 @@ killed by its wall limit keeps what it measured):
 
 * roofline: a jitted bf16 8192^3 matmul in this process (2 n^3 FLOPs; median of rounds of 10 async dispatches).
 * train_135m / train_1b: the library's own jitted training step (bshadow_jax.training: TrainConfig ->
-  loop._compiled, i.e. the sharded init and the donated train_step that `bshadow train` runs), AdamW with
+  training.compiled.compile_train_step, i.e. the sharded init and the donated train_step that `bshadow train` runs), AdamW with
   clipping, float32 master weights, compute_dtype bfloat16, random weights, random tokens, seq 2048.
   Shapes: SmolLM2-135M (30 x 576, FFN 1536, 9/3 heads, vocab 49152, tied) and a Llama-3.2-1B-like model
   (16 x 2048, FFN 8192, 32/8 heads, vocab 128256, tied, llama3 RoPE). The first step (compile) and the
@@ -162,40 +162,19 @@ def matmul_roofline(n: int, *, dtype_name: str = "bfloat16", rounds: int = 5, pe
 # ----------------------------------------------------------------------------------- training
 
 
-def flops_per_token(model_cfg, seq_len: int) -> tuple[float, int]:
-    """(model FLOPs per trained token, matmul parameter count): 6 N + 12 L (H hd) T."""
-    hd = model_cfg.resolved_head_dim
-    D, F, V, L = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.vocab_size, model_cfg.num_hidden_layers
-    q, kv = model_cfg.num_attention_heads * hd, model_cfg.num_key_value_heads * hd
-    n_matmul = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D  # LM head is a matmul (tied or not)
-    return 6.0 * n_matmul + 12.0 * L * q * seq_len, n_matmul
-
-
 def _build_step(cfg, model_cfg):
-    """(state, jitted donated step, batch sharding, where the step came from) through the library's train path."""
+    """(state, jitted donated step, batch sharding, where the step came from): the step `bshadow train` runs."""
     import jax
 
-    try:
-        from bshadow_jax.training import loop
-        from bshadow_jax.training import mesh as mesh_lib
+    from bshadow_jax.training import mesh as mesh_lib
+    from bshadow_jax.training.compiled import compile_train_step
 
-        mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum)
-        compiled = loop._compiled(model_cfg, cfg.optim, cfg.train.steps, cfg.train.compute_dtype,
-                                  cfg.train.grad_accum, mesh, cfg.train.remat)
-        state = compiled.init_random(jax.random.key(cfg.seed), cfg.seed)
-        return state, compiled.step_fn, mesh_lib.batch_sharding(mesh), "bshadow_jax.training.loop._compiled"
-    except (ImportError, AttributeError) as e:  # the loop's private helper moved: same pieces, one device
-        log(f"training.loop._compiled unavailable ({type(e).__name__}: {e}); building the step from its parts")
-        from bshadow_jax.models.llama import init_params
-        from bshadow_jax.training.optim import make_optimizer
-        from bshadow_jax.training.state import init_state
-        from bshadow_jax.training.step import make_train_step
-
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        state = init_state(init_params(model_cfg, jax.random.key(cfg.seed)), tx, cfg.seed)
-        step = jax.jit(make_train_step(model_cfg, tx, schedule, compute_dtype=cfg.train.compute_dtype,
-                                       grad_accum=cfg.train.grad_accum, remat=cfg.train.remat), donate_argnums=0)
-        return state, step, None, "bshadow_jax.training.step.make_train_step (jit, donated)"
+    tc = cfg.train
+    mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=tc.batch_size, grad_accum=tc.grad_accum)
+    compiled = compile_train_step(model_cfg, cfg.optim, steps=tc.steps, mesh=mesh, compute_dtype=tc.compute_dtype,
+                                  grad_accum=tc.grad_accum, remat=tc.remat)
+    state = compiled.init_random(jax.random.key(cfg.seed), cfg.seed)
+    return state, compiled.step_fn, mesh_lib.batch_sharding(mesh), "bshadow_jax.training.compiled.compile_train_step"
 
 
 def random_batch(key, batch: int, seq_len: int, vocab: int, sharding=None) -> dict:
@@ -263,6 +242,8 @@ def _train_once(model_dict: dict, *, batch: int, seq_len: int, steps: int, warmu
     pipelined = (time.perf_counter() - t) / steps
     loss_last = float(m["loss"])
     del state, batches, m
+    from bshadow_jax.models import flops_per_token
+
     fpt, n_matmul = flops_per_token(model_cfg, seq_len)
     return {
         "step_source": source, "batch": batch, "seq_len": seq_len, "compute_dtype": compute_dtype, "remat": remat,

@@ -2,7 +2,7 @@
 
   python benchmarks/remat_memory.py [--shapes smoke,smollm2_135m,llama_1b] [--rounds 5] [--steps 10]
 
-Memory: the library's train step (`training.loop._compiled`: AdamW, clipping, donated state) is compiled
+Memory: the library's train step (`training.compiled.compile_train_step`: AdamW, clipping, donated state) is compiled
 ahead of time from abstract shapes (no weights are made), and XLA's own buffer plan gives the bytes
 of temporaries (`compiled.memory_analysis().temp_size_in_bytes`). This is deterministic. On CPU, the
 plan depends on the scheduler: a remat step is compiled with the memory-optimised one
@@ -54,14 +54,16 @@ def planned_temp_bytes(cfg, model_cfg, scheduler_options: dict | None = None) ->
     import jax
     import jax.numpy as jnp
 
-    from bshadow_jax.training import loop
+    from bshadow_jax.data.pipeline import BATCH_KEYS
     from bshadow_jax.training import mesh as mesh_lib
+    from bshadow_jax.training.compiled import compile_train_step
 
     tc = cfg.train
     mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=tc.batch_size, grad_accum=tc.grad_accum)
-    compiled = loop._compiled(model_cfg, cfg.optim, tc.steps, tc.compute_dtype, tc.grad_accum, mesh, tc.remat)
+    compiled = compile_train_step(model_cfg, cfg.optim, steps=tc.steps, mesh=mesh, compute_dtype=tc.compute_dtype,
+                                  grad_accum=tc.grad_accum, remat=tc.remat)
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
-             for k in loop.BATCH_KEYS}
+             for k in BATCH_KEYS}
     lowered = compiled.step_fn.lower(compiled.abstract, batch)
     exe = lowered.compile(scheduler_options) if scheduler_options is not None else lowered.compile()
     return int(exe.memory_analysis().temp_size_in_bytes)
@@ -89,16 +91,16 @@ def memory_table(names: list[str]) -> None:
 def time_table(rounds: int, steps: int) -> None:
     import jax
 
-    from bshadow_jax.training import loop
+    from bshadow_jax.data.synthetic import synthetic_batch
     from bshadow_jax.training import mesh as mesh_lib
-    from bshadow_jax.training.synthetic import synthetic_batch
+    from bshadow_jax.training.compiled import compile_train_step
 
     runs = {}
     for remat in POLICIES:
         cfg = train_config(None, 16, 128, "float32", remat)
         model_cfg = cfg.llama_config(1024)
         mesh = mesh_lib.make_mesh(cfg.mesh, batch_size=16)
-        c = loop._compiled(model_cfg, cfg.optim, cfg.train.steps, "float32", 1, mesh, remat)
+        c = compile_train_step(model_cfg, cfg.optim, steps=cfg.train.steps, mesh=mesh, remat=remat)
         state = c.init_random(jax.random.key(0), 0)
         batches = [jax.device_put(synthetic_batch(i, vocab_size=1024, seq_len=128, batch_size=16, seed=0))
                    for i in range(4)]

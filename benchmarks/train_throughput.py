@@ -51,26 +51,18 @@ def matmul_roofline(n: int = 1024, reps: int = 20) -> float:
     return 2 * n**3 / sec
 
 
-def model_flops_per_token(cfg, seq_len: int) -> tuple[float, int]:
-    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    per_layer = D * q + 2 * D * kv + q * D + 3 * D * F
-    n_matmul = L * per_layer + V * D  # LM head (tied or not) is a matmul; the embedding lookup is not
-    attn = 12 * L * q * seq_len
-    return 6 * n_matmul + attn, n_matmul
-
-
 def setup_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, seeds: int = 1):
     """(one timed step, compile seconds) of the jitted, donated train step; seeds > 1: that many models vmapped."""
     import jax
     import numpy as np
 
+    from bshadow_jax.data.synthetic import synthetic_batch
     from bshadow_jax.models.llama import init_params
+    from bshadow_jax.training.compiled import compile_train_step
+    from bshadow_jax.training.mesh import make_mesh
     from bshadow_jax.training.optim import make_optimizer
     from bshadow_jax.training.state import init_state
     from bshadow_jax.training.step import make_train_step, remat_compiler_options
-    from bshadow_jax.training.synthetic import synthetic_batch
 
     tx, schedule = make_optimizer(train_cfg.optim, 10_000)
     tc = train_cfg.train
@@ -80,9 +72,10 @@ def setup_jax(train_cfg, model_cfg, batch_size: int, seq_len: int, seeds: int = 
     def batch(i, seed):
         return synthetic_batch(i, vocab_size=model_cfg.vocab_size, seq_len=seq_len, batch_size=batch_size, seed=seed)
 
-    if seeds == 1:
-        state = init_state(init_params(model_cfg, jax.random.key(0)), tx, 0)
-        step = jax.jit(make_train_step(model_cfg, tx, schedule, **kw), **jit_kw)
+    if seeds == 1:  # exactly the step `bshadow train` runs
+        mesh = make_mesh(train_cfg.mesh, batch_size=batch_size, grad_accum=tc.grad_accum)
+        prog = compile_train_step(model_cfg, train_cfg.optim, steps=10_000, mesh=mesh, **kw)
+        state, step = prog.init_random(jax.random.key(0), 0), prog.step_fn
         batches = [jax.device_put(batch(i, 0)) for i in range(4)]
     else:
         # S models vmapped through one step (tried for the studies' arms x seeds; slower per token
@@ -113,7 +106,7 @@ def setup_torch(train_cfg, model_cfg, batch_size: int, seq_len: int):
     import transformers
 
     from bshadow_jax.models import config_to_hf_dict
-    from bshadow_jax.training.synthetic import synthetic_batch
+    from bshadow_jax.data.synthetic import synthetic_batch
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -160,13 +153,14 @@ def main(argv=None) -> int:
 
     import jax
 
+    from bshadow_jax.models import flops_per_token
     from bshadow_jax.training.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     model_cfg = cfg.llama_config(args.vocab_size)
     B = args.batch_size or cfg.train.batch_size
     T = args.seq_len or cfg.train.seq_len
-    flops_tok, n_matmul = model_flops_per_token(model_cfg, T)
+    flops_tok, n_matmul = flops_per_token(model_cfg, T)
     print(f"model: {args.config} layers={model_cfg.num_hidden_layers} width={model_cfg.hidden_size} "
           f"ffn={model_cfg.intermediate_size} vocab={model_cfg.vocab_size} matmul params={n_matmul / 1e6:.2f}M; "
           f"batch {B}x{T}; compute {cfg.train.compute_dtype}; devices {jax.device_count()} ({jax.devices()[0].platform}); "

@@ -48,7 +48,7 @@ DRIVER = textwrap.dedent("""
     overrides = sys.argv[4:]
     from bshadow_jax import cli
     from bshadow_jax.training import checkpoint, loop
-    from bshadow_jax.training.synthetic import make_synthetic_dataset
+    from bshadow_jax.data.synthetic import make_synthetic_dataset
     try:
         import bshadow_jax.data.tokenizer as tokmod
         tokmod.get_tokenizer = lambda data_cfg: None  # vocab comes from the model section
@@ -86,7 +86,7 @@ DRIVER = textwrap.dedent("""
 
     loop._Logger.log = log
     if mode == "nan_batch":  # a poisoned batch (NaN loss weights) feeds step `at`
-        from bshadow_jax.training import synthetic
+        from bshadow_jax.data import synthetic
         orig_batch = synthetic.synthetic_batch
 
         def poisoned(index, **kw):

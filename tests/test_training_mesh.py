@@ -9,7 +9,7 @@ from bshadow_jax.errors import ConfigError
 from bshadow_jax.training.config import MeshSection, train_config_from_dict
 from bshadow_jax.training.loop import train
 from bshadow_jax.training.mesh import make_mesh, spec_for
-from bshadow_jax.training.synthetic import make_synthetic_dataset
+from bshadow_jax.data.synthetic import make_synthetic_dataset
 
 V, T = 64, 16
 BASE = {

@@ -19,7 +19,7 @@ from bshadow_jax.errors import UserError
 from bshadow_jax.models import load_pretrained
 from bshadow_jax.training.config import train_config_from_dict
 from bshadow_jax.training.loop import NonFiniteLossError, train
-from bshadow_jax.training.synthetic import make_synthetic_dataset, synthetic_batch
+from bshadow_jax.data.synthetic import make_synthetic_dataset, synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T = 64, 16
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from bshadow_jax.training import checkpoint, loop
     from bshadow_jax.training.config import train_config_from_dict
-    from bshadow_jax.training.synthetic import make_synthetic_dataset
+    from bshadow_jax.data.synthetic import make_synthetic_dataset
     cfg = train_config_from_dict(json.loads(os.environ["CHILD_CFG"]))
     kind, _, at = sys.argv[2].partition(":")
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -12,7 +12,7 @@ from bshadow_jax.training.config import OptimSection
 from bshadow_jax.training.optim import decay_mask, make_optimizer, make_schedule
 from bshadow_jax.training.state import init_state
 from bshadow_jax.training.step import eval_step, loss_sums, make_train_step
-from bshadow_jax.training.synthetic import synthetic_batch
+from bshadow_jax.data.synthetic import synthetic_batch
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -195,7 +195,7 @@ def test_train_loop_with_remat_matches_without(tmp_path):
     """The loop compiles remat steps with their own options; the run's losses and weights stay the same."""
     from bshadow_jax.training.config import train_config_from_dict
     from bshadow_jax.training.loop import train
-    from bshadow_jax.training.synthetic import make_synthetic_dataset
+    from bshadow_jax.data.synthetic import make_synthetic_dataset
 
     model = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}

@@ -8,6 +8,7 @@ from bshadow_jax.models.hf import config_from_hf, config_to_hf_dict, save_pretra
 from bshadow_jax.models.llama import (
     LlamaConfig,
     flatten_params,
+    flops_per_token,
     forward,
     init_params,
     param_shapes,
@@ -22,6 +23,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf_dict",
     "flatten_params",
+    "flops_per_token",
     "forward",
     "init_params",
     "load_pretrained",

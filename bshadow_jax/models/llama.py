@@ -187,6 +187,20 @@ def _init_params_jit(cfg: LlamaConfig, key: jax.Array) -> dict:
     return unflatten_params(flat)
 
 
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> tuple[float, int]:
+    """Model FLOPs of one trained token (forward + backward) and the matmul parameter count.
+
+    6 N + 12 L (H hd) T, with N the parameters that enter a matmul (the LM head counts, tied or
+    not; the embedding lookup does not) and the second term the attention score and value
+    products at sequence length T. This is the MFU numerator the benchmarks quote.
+    """
+    hd = cfg.resolved_head_dim
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    n_matmul = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D
+    return 6.0 * n_matmul + 12.0 * L * q * seq_len, n_matmul
+
+
 # ----------------------------------------------------------------------------------- rope
 
 def rope_inv_freq(cfg: LlamaConfig) -> tuple[np.ndarray, float]:

@@ -1,6 +1,6 @@
 """The training loop: config -> mesh -> sharded state -> jitted steps -> checkpoints and logs.
 
-Run folder (DESIGN.md "Training outputs"):
+Run folder (docs/outputs.md, "Training run folder"):
   DIR/config.yaml        resolved config (model.vocab_size filled in)
   DIR/checkpoints/<step> orbax: params, optimizer state, step, RNG, data-iterator state
   DIR/metrics.jsonl      one object per logged step: step, loss, grad_norm, lr, tokens, tokens_per_s
@@ -13,7 +13,6 @@ uninterrupted one (same device count: the compiled program and the data order ar
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -23,21 +22,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bshadow_jax.config import dump_yaml, read_yaml, to_dict
 from bshadow_jax.errors import UserError
+from bshadow_jax.data.pipeline import BATCH_KEYS, make_train_dataset
+from bshadow_jax.data.tokenizer import get_tokenizer
 from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, cache_root, check_output_dir
-from bshadow_jax.training import mesh as mesh_lib
 from bshadow_jax.formats.orbax import CONFIG_NAME, TOKENIZER_DIRNAME
+from bshadow_jax.models.llama import param_shapes
+from bshadow_jax.training import mesh as mesh_lib
 from bshadow_jax.training.checkpoint import RunCheckpointer
+from bshadow_jax.training.compiled import compile_train_step
 from bshadow_jax.training.config import TrainConfig, load_train_config
-from bshadow_jax.training.optim import make_optimizer
-from bshadow_jax.training.state import TrainState, init_state
-from bshadow_jax.training.step import make_train_step, remat_compiler_options
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -96,8 +94,6 @@ def _check_same_model(run_dir: Path, resolved: dict) -> None:
 
 
 def _default_dataset(cfg: TrainConfig, tokenizer, local_batch: int):
-    from bshadow_jax.data.pipeline import make_train_dataset
-
     return make_train_dataset(
         cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch, seed=cfg.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count(),
@@ -110,16 +106,6 @@ def _save_tokenizer(tokenizer, run_dir: Path) -> None:
         return
     with atomic_output_dir(target) as tmp:
         tokenizer.save_pretrained(str(tmp))
-
-
-def _state_shardings(abstract: TrainState, mesh):
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return TrainState(
-        params=mesh_lib.tree_shardings(abstract.params, mesh),
-        opt_state=mesh_lib.tree_shardings(abstract.opt_state, mesh),
-        step=replicated,
-        rng=replicated,
-    )
 
 
 def _summary_writer_cls():
@@ -189,51 +175,6 @@ class _Logger:
                 self.bar.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Compiled:
-    abstract: TrainState
-    shardings: TrainState
-    step_fn: Callable
-    init_random: Callable      # (key, seed) -> state
-    init_from_params: Callable  # (params, seed) -> state
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(model_cfg, optim_cfg, steps: int, compute_dtype: str, grad_accum: int, mesh,
-              remat: str = "none") -> _Compiled:
-    """Jitted init and train step, cached across train() calls with the same shapes and settings
-
-    (studies run many arms and seeds in one process; seeds and data are arguments, not constants).
-    """
-    from bshadow_jax.models.llama import init_params as model_init
-
-    tx, schedule = make_optimizer(optim_cfg, steps)
-
-    def from_params(params, seed):
-        return init_state(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), tx, seed)
-
-    def from_key(key, seed):
-        return init_state(model_init(model_cfg, key), tx, seed)
-
-    abstract = jax.eval_shape(from_key, jax.random.key(0), 0)
-    shardings = _state_shardings(abstract, mesh)
-    batch_shardings = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}
-    step_fn = jax.jit(
-        make_train_step(model_cfg, tx, schedule, compute_dtype=compute_dtype, grad_accum=grad_accum, remat=remat),
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-        compiler_options=remat_compiler_options(remat, mesh.devices.flat[0].platform),
-    )
-    return _Compiled(
-        abstract=abstract,
-        shardings=shardings,
-        step_fn=step_fn,
-        init_random=jax.jit(from_key, out_shardings=shardings, static_argnums=1),
-        init_from_params=jax.jit(from_params, out_shardings=shardings, static_argnums=1),
-    )
-
-
 # ----------------------------------------------------------------------------- train
 
 def train(
@@ -268,14 +209,10 @@ def train(
         raise UserError(f"train.batch_size: {tc.batch_size} is not divisible by the {jax.process_count()} hosts")
     local_batch = tc.batch_size // jax.process_count()
     if tokenizer is None and (dataset is None or not cfg.model.get("vocab_size")):
-        from bshadow_jax.data.tokenizer import get_tokenizer
-
         tokenizer = get_tokenizer(cfg.data)
     model_cfg = cfg.llama_config(len(tokenizer) if tokenizer is not None else None)
     resolved = _resolved_config_dict(cfg, model_cfg)
     _check_same_model(run_dir, resolved)
-
-    from bshadow_jax.models.llama import param_shapes
 
     if init_params is not None:
         want = jax.tree.map(tuple, param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
@@ -283,7 +220,8 @@ def train(
         is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
         if jax.tree.structure(want, is_leaf=is_shape) != jax.tree.structure(got, is_leaf=is_shape) or want != got:
             raise UserError("init_params: shapes or names do not match the config's model section")
-    compiled = _compiled(model_cfg, cfg.optim, tc.steps, tc.compute_dtype, tc.grad_accum, mesh, tc.remat)
+    compiled = compile_train_step(model_cfg, cfg.optim, steps=tc.steps, mesh=mesh, compute_dtype=tc.compute_dtype,
+                                  grad_accum=tc.grad_accum, remat=tc.remat)
     abstract, shardings, step_fn = compiled.abstract, compiled.shardings, compiled.step_fn
 
     if _is_main():

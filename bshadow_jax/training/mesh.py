@@ -19,7 +19,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bshadow_jax.errors import ConfigError
+from bshadow_jax.formats.pytree import path_name
 from bshadow_jax.training.config import MeshSection
+from bshadow_jax.training.state import TrainState
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -69,10 +71,6 @@ def make_mesh(cfg: MeshSection, *, batch_size: int | None = None, grad_accum: in
     return jax.make_mesh((data, cfg.fsdp, cfg.tensor), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def path_str(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     for pattern, axes in _RULES:
         if re.search(pattern, name) and len(axes) == len(shape):
@@ -85,7 +83,7 @@ def tree_shardings(tree, mesh: Mesh):
     """NamedShardings for every leaf of a (possibly abstract) params or optimizer-state tree."""
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh))
+        return NamedSharding(mesh, spec_for(path_name(path), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -104,3 +102,14 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         global_shape = (v.shape[0] * n_proc,) + v.shape[1:]
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
+    """Shardings of a train state: params and optimizer moments by the rules, step and RNG replicated."""
+    replicated = NamedSharding(mesh, P())
+    return TrainState(
+        params=tree_shardings(abstract.params, mesh),
+        opt_state=tree_shardings(abstract.opt_state, mesh),
+        step=replicated,
+        rng=replicated,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from bshadow_jax.formats.pytree import path_name
 from bshadow_jax.training.config import OptimSection
 
 
@@ -27,16 +28,12 @@ def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([ramp, decay], [warmup])
 
 
-def _path_str(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def decay_mask(params, *, decay_embeddings: bool = False):
     """True for leaves that get weight decay: matrices, not norms or biases (1-D), not embeddings unless asked."""
     def keep(path, leaf) -> bool:
         if leaf.ndim < 2:
             return False
-        return decay_embeddings or "embed_tokens" not in _path_str(path)
+        return decay_embeddings or "embed_tokens" not in path_name(path)
 
     return jax.tree_util.tree_map_with_path(keep, params)
 
