@@ -24,6 +24,7 @@ import numpy as np
 
 from bshadow_jax.data import decontam, evalsets, interventions, world
 from bshadow_jax.data.config import DataConfig
+from bshadow_jax.data.hf_source import load_hf_examples
 from bshadow_jax.data.interventions import Plan, StreamSpec
 from bshadow_jax.data.text import text_corpus
 from bshadow_jax.data.tokenizer import special_ids
@@ -71,8 +72,6 @@ def _with_stream(rec: dict, *, name: str) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _hf_records(hf_cfg) -> tuple[dict, ...]:
-    from bshadow_jax.data.hf_source import load_hf_examples
-
     return tuple(load_hf_examples(hf_cfg))
 
 

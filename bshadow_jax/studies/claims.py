@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from bshadow_jax.errors import ConfigError
 from bshadow_jax.studies.aggregate import gap_values, metric_values, welch_diff
 
 ENTROPY = "footprint.entropy"
@@ -47,8 +48,6 @@ class ClaimArms:
     small_fraction: float = 0.25
 
     def validate(self) -> None:
-        from bshadow_jax.errors import ConfigError
-
         if not 0.0 < self.small_fraction < 1.0:
             raise ConfigError(f"claims.small_fraction: must be in (0, 1), got {self.small_fraction}")
 

@@ -8,21 +8,19 @@ folder layout and `studies.claims` for how each claim is decided.
 """
 from __future__ import annotations
 
+from bshadow_jax.studies.runner import run_study
 from bshadow_jax.studies.spec import load_study_config
+from bshadow_jax.studies.summary import print_summary
 
 TITLE = "Regimes study: benchmark-aligned vs coverage-expanding fine-tuning"
 
 
 def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     cfg = load_study_config(config_path, list(overrides))  # ConfigError (exit 2) before any compute
-    from bshadow_jax.studies.runner import run_study
-
     return run_study(cfg, out_dir, study="regimes", title=TITLE)
 
 
 def run_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
     results = run(config_path, out_dir, overrides)
-    from bshadow_jax.studies.summary import print_summary
-
     print_summary(results, out_dir)
     return 0

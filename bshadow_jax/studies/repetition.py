@@ -7,21 +7,19 @@ footprint does not move even where the scores do.
 """
 from __future__ import annotations
 
+from bshadow_jax.studies.runner import run_study
 from bshadow_jax.studies.spec import load_study_config
+from bshadow_jax.studies.summary import print_summary
 
 TITLE = "Prompt-repetition case study: does a data artifact shift the regime?"
 
 
 def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     cfg = load_study_config(config_path, list(overrides))
-    from bshadow_jax.studies.runner import run_study
-
     return run_study(cfg, out_dir, study="repetition", title=TITLE)
 
 
 def run_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
     results = run(config_path, out_dir, overrides)
-    from bshadow_jax.studies.summary import print_summary
-
     print_summary(results, out_dir)
     return 0

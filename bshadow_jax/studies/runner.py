@@ -20,9 +20,18 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bshadow_jax.config import config_hash, to_dict
+from bshadow_jax import diagnostics
+from bshadow_jax.config import config_hash, from_dict, to_dict
+from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
+from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
+from bshadow_jax.diagnostics import run as drun
 from bshadow_jax.errors import UserError
-from bshadow_jax.fileio import atomic_write_json, check_output_dir, safe_join
+from bshadow_jax.evals import evaluate as _evaluate
+from bshadow_jax.fileio import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, safe_join
+from bshadow_jax.models import load_pretrained
+from bshadow_jax.studies import finalize as fin
+from bshadow_jax.training.config import TrainConfig
+from bshadow_jax.training.loop import train
 from bshadow_jax.studies.aggregate import aggregate_arm, seed_footprint
 from bshadow_jax.studies.spec import ArmSpec, StudyConfig
 
@@ -44,24 +53,18 @@ def _read_json(path: Path) -> Any | None:
 # ---------------------------------------------------------------- adapters over the other packages
 
 def get_tokenizer(data_cfg):
-    from bshadow_jax.data.tokenizer import get_tokenizer as _get
-
-    return _get(data_cfg)
+    return _get_tokenizer(data_cfg)
 
 
 def build_eval_sets(cfg: StudyConfig, data_cfg, tokenizer):
-    from bshadow_jax.data.evalsets import build_eval_sets as _build
-
     del tokenizer  # the eval sets are text; scoring tokenizes
-    return _build(data_cfg, **cfg.evals.options)
+    return _build_eval_sets(data_cfg, **cfg.evals.options)
 
 
 _KEEP = {"narrow": ("score", "by_category", "acc_norm", "exact_match"), "broad": ("score", "by_category")}
 
 
 def evaluate(model_cfg, params, tokenizer, eval_sets, evals_spec) -> dict:
-    from bshadow_jax.evals import evaluate as _evaluate
-
     raw = _evaluate(model_cfg, params, tokenizer, eval_sets, batch_size=evals_spec.batch_size,
                     seq_len=evals_spec.seq_len)
     out = {sec: {k: raw[sec][k] for k in keep if k in raw.get(sec, {})} for sec, keep in _KEEP.items()}
@@ -71,8 +74,6 @@ def evaluate(model_cfg, params, tokenizer, eval_sets, evals_spec) -> dict:
 
 
 def diagnose(base_params, tuned_params, cfg: StudyConfig):
-    from bshadow_jax import diagnostics
-
     return diagnostics.diagnose(base_params, tuned_params, topk=cfg.diagnose.topk, method=cfg.diagnose.method,
                                 include=cfg.diagnose.include, exclude=cfg.diagnose.exclude)
 
@@ -81,14 +82,9 @@ def write_diagnose(result, out_dir: Path, *, figures: bool = True) -> None:
     """The diagnose output of one fine-tune; without figures it is metrics.csv, summary.json and a short
     report.md (the study report draws every arm's figures side by side, and ~100 per-unit PNGs would cost
     minutes of the CPU budget)."""
-    from bshadow_jax import diagnostics
-
     if figures:
         diagnostics.write_diagnose_outputs(result, out_dir)
         return
-    from bshadow_jax.diagnostics import run as drun
-    from bshadow_jax.fileio import atomic_output_dir, atomic_write_text
-
     with atomic_output_dir(out_dir) as tmp:
         atomic_write_text(tmp / "metrics.csv", drun.rows_to_csv(result.rows, result.summary["columns"]))
         atomic_write_json(tmp / "summary.json", drun._finite_or_none(result.summary))
@@ -139,13 +135,9 @@ class Base:
 
 def prepare_base(cfg: StudyConfig, out: Path, tokenizer) -> Base:
     if cfg.base.load:
-        from bshadow_jax.models import load_pretrained
-
         _log(f"loading base {cfg.base.load}")
         model_cfg, params = load_pretrained(cfg.base.load)
         return Base(model_cfg, params, tokenizer, cfg.base.load, [])
-    from bshadow_jax.training.loop import train
-
     pcfg = cfg.pretrain_config()
     run_dir = out / "base" / "run"
     done = out / "base" / "done.json"
@@ -171,10 +163,6 @@ def unit_dir(out: Path, arm: str, seed: int) -> Path:
 
 def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, eval_sets,
              unit_hash_extra: Mapping[str, Any]) -> dict:
-    from bshadow_jax.config import from_dict
-    from bshadow_jax.training.config import TrainConfig
-    from bshadow_jax.training.loop import train
-
     udir = unit_dir(out, arm.name, seed)
     arm_dict = cfg.arm_dict(arm, seed, base.model_dict)
     steps = int(arm_dict.get("train", {}).get("steps", 100))
@@ -233,8 +221,6 @@ def _score(rec: Mapping, section: str) -> str:
 
 def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str,
               finalize: Callable[[StudyConfig, Path, dict, dict, Base, dict | None], None] | None = None) -> dict:
-    from bshadow_jax.studies import finalize as fin
-
     out = check_output_dir(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 from typing import Any, Literal
 
 from bshadow_jax.config import from_dict, load_config
+from bshadow_jax.data.evalsets import build_eval_sets
 from bshadow_jax.errors import ConfigError
 from bshadow_jax.studies.claims import ClaimArms
+from bshadow_jax.training.config import TrainConfig
 
 # A small valid model section used only to validate the non-model sections when the base
 # is loaded from a checkpoint (its real config is known only after loading).
@@ -81,10 +84,6 @@ class EvalSpec:
     def validate(self) -> None:
         if self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("evals: batch_size must be >= 1 and seq_len >= 8")
-        import inspect
-
-        from bshadow_jax.data.evalsets import build_eval_sets
-
         known = [n for n, p in inspect.signature(build_eval_sets).parameters.items() if p.kind == p.KEYWORD_ONLY]
         for k in self.options:
             if k not in known:
@@ -163,8 +162,6 @@ class StudyConfig:
 
     # ------------------------------------------------------------------ derived training configs
     def pretrain_config(self, overrides: dict[str, Any] | None = None):
-        from bshadow_jax.training.config import TrainConfig
-
         data = _deep_merge(self.base.pretrain, overrides or {})
         return _build(TrainConfig, data, "base.pretrain")
 
@@ -179,8 +176,6 @@ class StudyConfig:
         return ft
 
     def arm_config(self, arm: ArmSpec, seed: int, model: dict[str, Any] | None = None):
-        from bshadow_jax.training.config import TrainConfig
-
         return _build(TrainConfig, self.arm_dict(arm, seed, model), f"arms.{arm.name}")
 
     def arm(self, name: str) -> ArmSpec:

@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bshadow_jax.models.llama import forward
 from bshadow_jax.training.state import TrainState
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _forward(model_cfg, params, batch, compute_dtype, remat="none"):
-    from bshadow_jax.models.llama import forward
-
     return forward(
         model_cfg, params, batch["inputs"], batch["segment_ids"], batch["positions"],
         compute_dtype=_DTYPES.get(compute_dtype, compute_dtype), remat=remat,
