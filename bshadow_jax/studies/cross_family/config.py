@@ -51,10 +51,10 @@ class FinetuneSpec:
         _check_name(self.name, "finetunes")
 
     def data_summary(self) -> dict:
-        """The data settings that differ from `DataConfig`'s defaults (for the pair's note)."""
+        """The data arm and the data settings that differ from `DataConfig`'s defaults (for the pair's note)."""
         default = DataConfig()
         return {f.name: getattr(self.data, f.name) for f in dataclasses.fields(DataConfig)
-                if getattr(self.data, f.name) != getattr(default, f.name)}
+                if f.name == "arm" or getattr(self.data, f.name) != getattr(default, f.name)}
 
 
 @dataclasses.dataclass(frozen=True)
