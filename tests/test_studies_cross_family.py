@@ -123,7 +123,8 @@ def test_finetune_sections_are_typed_with_the_old_defaults(tmp_path):
     cfg = tmp_path / "cf.yaml"
     cfg.write_text(yaml.safe_dump({"finetunes": [
         {"name": "a", "base": "b"},
-        {"name": "c", "base": "b", "data": {"arm": "mixture", "alpha": 0.3}, "train": {"steps": 2}, "optim": {"lr": "3e-4"}},
+        {"name": "c", "base": "b", "data": {"arm": "mixture", "alpha": 0.3}, "train": {"steps": 2},
+         "optim": {"lr": "3e-4"}},
     ]}))
     a, c = cross_family.load_cross_family_config(cfg).finetunes
     assert (a.data, a.train, a.optim) == (DataConfig(), TrainSection(steps=4, batch_size=2, seq_len=64),
