@@ -149,11 +149,10 @@ def test_shipped_study_configs_validate():
     for name in ("regimes_cpu.yaml", "repetition_cpu.yaml", "regimes_gpu.yaml"):
         cfg = load_study_config(os.path.join(root, name))
         assert len(cfg.seeds) >= 3
-    from bshadow_jax.config import load_config
-    from bshadow_jax.studies.cross_family import CrossFamilyConfig
+    from bshadow_jax.studies.cross_family import load_cross_family_config
 
     for name in ("cross_family.yaml", "cross_family_synthetic.yaml"):
-        load_config(CrossFamilyConfig, os.path.join(root, name))
+        load_cross_family_config(os.path.join(root, name))
     cpu = load_study_config(os.path.join(root, "regimes_cpu.yaml"))
     names = {a.name for a in cpu.arms}
     assert {"general", "benchmark_aligned", "coverage_expanding", "repeated_subset", "normalised_rewrite",

@@ -3,6 +3,7 @@
     regimes       the controlled intervention study: one base, arms x seeds, narrow vs broad, footprints, claims
     repetition    the prompt-repetition (and deduplication) case study on the same machinery
     cross_family  diagnose many base/tuned pairs (incl. multimodal/MoE naming) into one comparison
+                  (subpackage: config, checkpoints, figures, study)
     spec          study configs (YAML -> frozen dataclasses; every arm's training config validated up front)
     runner        base + arm/seed units (resumable), in-process diagnose and evals, footprint along training
     aggregate     means with 95% t-intervals over seeds, Welch differences
