@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+# name: (what it is, module with run_cli, a shipped config, what --out holds)
 _STUDIES = {
     "regimes": ("the controlled intervention study: one base, data arms x seeds, narrow vs broad, footprints (the main job)",
-                "bshadow_jax.studies.regimes"),
+                "bshadow_jax.studies.regimes", "configs/regimes_cpu.yaml",
+                "study folder (results.json, report.md, figures, one folder per arm/seed)"),
     "repetition": ("prompt-repetition case study: same recipe with and without repeated prompts and deduplication",
-                   "bshadow_jax.studies.repetition"),
+                   "bshadow_jax.studies.repetition", "configs/repetition_cpu.yaml",
+                   "study folder (results.json, report.md, figures, one folder per arm/seed)"),
     "cross-family": ("diagnose a list of released base/tuned pairs and compare their footprints",
-                     "bshadow_jax.studies.cross_family"),
+                     "bshadow_jax.studies.cross_family", "configs/cross_family.yaml",
+                     "study folder (comparison.csv/.json, report.md, figures, pairs/NAME/ with each pair's diagnose output)"),
 }
 
 
@@ -17,10 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="run one of the paper's studies")
     esub = p.add_subparsers(dest="study", metavar="STUDY", parser_class=type(p))
     esub.required = True
-    for name, (help_text, module) in _STUDIES.items():
+    for name, (help_text, module, example, out_help) in _STUDIES.items():
         e = esub.add_parser(name, help=help_text, description=help_text)
-        e.add_argument("config", help=f"study config, e.g. configs/{name.replace('-', '_')}_cpu.yaml")
-        e.add_argument("--out", required=True, help="study folder (results.json, report.md, figures, one folder per arm/seed)")
+        e.add_argument("config", help=f"study config, e.g. {example}")
+        e.add_argument("--out", required=True, help=out_help)
         e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         e.set_defaults(handler=_make_handler(module))
 
