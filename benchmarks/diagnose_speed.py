@@ -279,7 +279,7 @@ def agreement(ref: dict, other: dict, keys=("spectral_norm", "fro", "effective_r
 
 
 def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, max_dim: int = 8192) -> dict:
-    """base_overlap and intruder_count of bshadow against float64 numpy SVDs written here from DESIGN's
+    """base_overlap and intruder_count of bshadow against float64 numpy SVDs written here from docs/metrics.md's
     definitions, on the strongest delta (largest delta_fro) of every matrix shape up to max_dim rows
     and columns (the singular values are checked against the SciPy loop; these need vectors)."""
     with open(ours_out / "metrics.csv", newline="") as f:

@@ -16,7 +16,7 @@ def one_device_mesh():
 
 
 def ref_pair(b, t, topk=8):
-    """DESIGN.md delta metrics with numpy.linalg.svd in float64 (independent of the library)."""
+    """The delta metrics of docs/metrics.md with numpy.linalg.svd in float64 (independent of the library)."""
     b = b.astype(np.float64)
     t = t.astype(np.float64)
     d = t - b

@@ -15,7 +15,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _metrics(sv):
-    """Independent numpy versions of a few DESIGN.md metrics, for realistic rows."""
+    """Independent numpy versions of a few documented metrics (docs/metrics.md), for realistic rows."""
     s1, s2 = sv.sum(), (sv ** 2).sum()
     p = sv / s1
     p = p[p > 0]

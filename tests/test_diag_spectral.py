@@ -9,7 +9,7 @@ from bshadow_jax.diagnostics.spectral import SV_METRICS, spectral_metrics_stack
 
 
 def ref_metrics(sv, topk=8):
-    """Straight from DESIGN.md, in float64, written independently of the library."""
+    """Straight from docs/metrics.md, in float64, written independently of the library."""
     s = np.sort(np.abs(np.asarray(sv, np.float64)))[::-1]
     k = len(s)
     S1, S2 = s.sum(), (s**2).sum()

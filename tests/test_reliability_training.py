@@ -38,7 +38,7 @@ TINY = {
               "keep_checkpoints": 2},
     "optim": {"lr": 1e-2, "warmup_steps": 0},
 }
-DEVICES = 2  # same device count in every run of a chain (DESIGN.md: exact resume on CPU, same device count)
+DEVICES = 2  # same device count in every run of a chain (docs/outputs.md: exact resume on CPU, same device count)
 TIMING_KEYS = {"tokens_per_s"}
 
 DRIVER = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""From per-seed records to results.json (DESIGN.md "Experiment outputs") and the report."""
+"""From per-seed records to results.json (docs/outputs.md, "Experiment output") and the report."""
 from __future__ import annotations
 
 import dataclasses
