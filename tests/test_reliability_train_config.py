@@ -10,12 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bshadow_jax import config
 from bshadow_jax.errors import ConfigError
-from reliability_helpers import record
+from reliability_helpers import assert_cli_user_error, record
+from testkit import fuzz_settings
 
 training_config = importlib.import_module("bshadow_jax.training.config")
 
@@ -46,7 +47,7 @@ _RAW = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(overrides=st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_RAW)), max_size=4))
 def test_train_config_fuzz(overrides):
     try:
@@ -120,9 +121,7 @@ def test_config_errors_exit_2_before_compiling(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for argv, res in zip(cases, results):
-        assert res["rc"] == 2, (argv, res)
-        errs = [ln for ln in res["err"].splitlines() if ln.startswith("error:")]
-        assert len(errs) == 1 and "Traceback" not in res["err"], (argv, res)
+        assert_cli_user_error(res["rc"], res["err"], context=(argv, res))
         assert res["compiles"] == [], (argv, res)  # nothing traced or compiled
     assert not (tmp_path / "run").exists()  # nothing written either
     assert good.read_text() == __import__("yaml").safe_dump(TINY)
