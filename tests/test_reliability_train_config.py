@@ -16,14 +16,13 @@ from hypothesis import strategies as st
 from bshadow_jax import config
 from bshadow_jax.errors import ConfigError
 from reliability_helpers import assert_cli_user_error, record
-from testkit import fuzz_settings
+from testkit import fuzz_settings, tiny_model_config
 
 training_config = importlib.import_module("bshadow_jax.training.config")
 
 TINY = {
     "seed": 0,
-    "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "model": tiny_model_config(),
     "train": {"steps": 4, "batch_size": 8, "seq_len": 16, "log_every": 1, "checkpoint_every": 2},
     "optim": {"lr": 1e-2, "warmup_steps": 0},
 }

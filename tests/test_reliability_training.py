@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from testkit import tiny_model_config
 
 importlib.import_module("bshadow_jax.training.loop")
 
 TINY = {
     "seed": 0,
-    "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "model": tiny_model_config(),
     "train": {"steps": 6, "batch_size": 8, "seq_len": 16, "log_every": 1, "checkpoint_every": 2,
               "keep_checkpoints": 2},
     "optim": {"lr": 1e-2, "warmup_steps": 0},
