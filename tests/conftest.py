@@ -19,7 +19,7 @@ import os
 import pytest
 from hypothesis import settings
 
-from testkit import hypothesis_profile
+from testkit import FigureRecorder, hypothesis_profile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,3 +58,10 @@ def write_orbax_run():
         return root
 
     return write
+
+
+@pytest.fixture
+def saved_figures():
+    """A testkit.FigureRecorder over the test: .figure_for(png_path) -> (Figure, savefig kwargs)."""
+    with FigureRecorder() as rec:
+        yield rec
