@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from testkit import fuzz_settings
 
 import gguf
 
@@ -177,7 +178,7 @@ def test_truncated_and_bad_gguf_are_user_errors(tmp_path, tiny_gguf_bytes):
                 fn(p)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_corrupted_gguf_never_crashes(tmp_path, tiny_gguf_bytes, data):
     """Any truncation or byte damage: either reads fine or raises UserError, nothing else."""

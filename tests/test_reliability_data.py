@@ -9,38 +9,21 @@ import signal
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
-
-from bshadow_jax.errors import UserError
 
 tokenizer_mod = importlib.import_module("bshadow_jax.data.tokenizer")
 hf_source = importlib.import_module("bshadow_jax.data.hf_source")
 from bshadow_jax.data.config import DataConfig  # noqa: E402
-from reliability_helpers import no_hang, record
+from reliability_helpers import no_hang, record, user_error_or_ok
+from testkit import fuzz_settings
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                phases=[Phase.explicit, Phase.generate])
-LONG = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                phases=[Phase.explicit, Phase.generate])
+# The long campaign is these tests under BSHADOW_HYPOTHESIS_PROFILE=long (tests/conftest.py).
+FUZZ = fuzz_settings(40, derandomize=True, suppress_health_check=list(HealthCheck),
+                     phases=[Phase.explicit, Phase.generate])
 
 
 _record = record
-
-
-def outcome(fn, *args) -> str:
-    try:
-        with no_hang():
-            fn(*args)
-    except UserError as e:
-        assert str(e).strip()
-        _record("user_error", getattr(fn, "__name__", "?"))
-        return "user_error"
-    except BaseException as e:
-        _record(f"FAIL {type(e).__name__}", getattr(fn, "__name__", "?"))
-        raise
-    _record("ok", getattr(fn, "__name__", "?"))
-    return "ok"
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +70,15 @@ def test_tokenizer_folder_fuzz(tok_files, tmp_path_factory, data):
         (folder / target).unlink()
     else:
         (folder / target).write_bytes(bytes(raw))
-    outcome(_load_tok, folder)
+    user_error_or_ok(_load_tok, folder)
 
 
 def test_tokenizer_folder_missing_or_file(tmp_path):
-    assert outcome(_load_tok, tmp_path / "nope") == "user_error"
+    assert user_error_or_ok(_load_tok, tmp_path / "nope") == "user_error"
     (tmp_path / "file").write_text("x")
-    assert outcome(_load_tok, tmp_path / "file") == "user_error"
+    assert user_error_or_ok(_load_tok, tmp_path / "file") == "user_error"
     (tmp_path / "empty").mkdir()
-    assert outcome(_load_tok, tmp_path / "empty") == "user_error"
+    assert user_error_or_ok(_load_tok, tmp_path / "empty") == "user_error"
 
 
 def test_corrupt_tokenizer_cache(tmp_path, monkeypatch):
@@ -107,7 +90,7 @@ def test_corrupt_tokenizer_cache(tmp_path, monkeypatch):
     cached = list(tmp_path.rglob("tokenizer.json"))
     assert cached
     cached[0].write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": 7}}')
-    assert outcome(tokenizer_mod.get_tokenizer, cfg) in ("ok", "user_error")
+    assert user_error_or_ok(tokenizer_mod.get_tokenizer, cfg) in ("ok", "user_error")
 
 
 # ----------------------------------------------------------------------------- data files
@@ -234,18 +217,3 @@ def test_data_file_cases(loader, tmp_path, content, builder):
 def test_data_file_missing(loader, tmp_path):
     assert loader.load(_data_case(tmp_path / "nope.jsonl", "json", ""))["outcome"] == "user_error"
     assert loader.load(_data_case(tmp_path, "json", ""))["outcome"] in ("user_error",)  # a folder
-
-
-@pytest.mark.slow
-@LONG
-@given(data=st.data())
-def test_tokenizer_folder_fuzz_long(tok_files, tmp_path_factory, data):
-    test_tokenizer_folder_fuzz.hypothesis.inner_test(tok_files, tmp_path_factory, data)
-
-
-@pytest.mark.slow
-@LONG
-@given(lines=st.lists(_lines, max_size=6), builder=st.sampled_from(["json", "text"]),
-       text_field=st.sampled_from(["", "text"]), binary=st.binary(max_size=64) | st.none())
-def test_data_file_fuzz_long(loader, tmp_path_factory, lines, builder, text_field, binary):
-    test_data_file_fuzz.hypothesis.inner_test(loader, tmp_path_factory, lines, builder, text_field, binary)

@@ -19,16 +19,17 @@ from typing import Literal
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from bshadow_jax import cli, config, fileio
 from bshadow_jax.errors import ConfigError, UserError
-from reliability_helpers import record
+from reliability_helpers import assert_cli_user_error, record
+from testkit import fuzz_settings
 
 _record = record
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = fuzz_settings(150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -424,20 +425,13 @@ def _run_cli(capsys, argv):
     return rc, err
 
 
-def _assert_user_error(rc, err):
-    assert rc == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-
-
 _tokens = st.sampled_from([
     "diagnose", "spectrum", "export", "train", "experiment", "regimes", "data", "audit", "--out", "--topk", "-1",
     "abc", "--include", "(", "--rename", "x", "/nonexistent/ckpt.safetensors", "--frobnicate", "a=b", "..",
 ])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(_tokens, max_size=6))
 def test_cli_argv_fuzz(capsys, argv):
     """Random argument lists: usage errors and missing inputs are exit 2 with one error line."""
@@ -460,7 +454,7 @@ def test_cli_argv_fuzz(capsys, argv):
     ["train"],
 ])
 def test_cli_usage_errors(capsys, argv):
-    _assert_user_error(*_run_cli(capsys, argv))
+    assert_cli_user_error(*_run_cli(capsys, argv))
 
 
 def test_cli_out_must_not_replace_input(capsys, tmp_path):
@@ -470,7 +464,7 @@ def test_cli_out_must_not_replace_input(capsys, tmp_path):
     for argv in (["spectrum", str(ckpt), "--out", str(ckpt)], ["diagnose", str(ckpt / "config.json"), str(ckpt), "--out", str(tmp_path)],
                  ["export", str(ckpt), "--out", str(ckpt)]):
         rc, err = _run_cli(capsys, argv)
-        _assert_user_error(rc, err)
+        assert_cli_user_error(rc, err)
         assert "would replace the input" in err
     assert (ckpt / "config.json").read_text() == "{}"
 

@@ -26,26 +26,24 @@ import numpy as np
 
 from bshadow_jax.models import checkpoint_config
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given
 from hypothesis import strategies as st
 
 from bshadow_jax.errors import UserError
-from reliability_helpers import Hang, record
+from reliability_helpers import Hang, assert_cli_user_error, record
+from reliability_helpers import user_error_or_ok as _user_error_or_ok
 from reliability_helpers import no_hang as _no_hang
+from testkit import fuzz_settings
 
 sources = importlib.import_module("bshadow_jax.formats.sources")
 st_format = importlib.import_module("bshadow_jax.formats.safetensors")
 models = importlib.import_module("bshadow_jax.models")
 
 # No shrinking: a failing case is reported as found (derandomized, so reproducible); keeps failures cheap.
+# The long campaign is these tests under BSHADOW_HYPOTHESIS_PROFILE=long (tests/conftest.py).
 _PHASES = [Phase.explicit, Phase.generate]
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                phases=_PHASES)
-FUZZ_SMALL = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                      phases=_PHASES)
-# The long campaign (-m slow): same properties, many more cases, different seeds.
-LONG = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False,
-                phases=_PHASES, database=None)
+FUZZ = fuzz_settings(100, derandomize=True, suppress_health_check=list(HealthCheck), phases=_PHASES)
+FUZZ_SMALL = fuzz_settings(40, derandomize=True, suppress_health_check=list(HealthCheck), phases=_PHASES)
 HANG_SECONDS = 30
 
 TINY = dict(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -68,18 +66,7 @@ def no_hang(seconds: int = HANG_SECONDS):
 
 def user_error_or_ok(fn, *args):
     """Run a reader; return "ok" or "user_error"; anything else fails the test."""
-    try:
-        with no_hang():
-            fn(*args)
-    except UserError as e:
-        assert str(e).strip(), "empty UserError message"
-        _record("user_error", getattr(fn, "__name__", "?"))
-        return "user_error"
-    except BaseException as e:
-        _record(f"FAIL {type(e).__name__}", getattr(fn, "__name__", "?"))
-        raise
-    _record("ok", getattr(fn, "__name__", "?"))
-    return "ok"
+    return _user_error_or_ok(fn, *args, seconds=HANG_SECONDS)
 
 
 def read_all(path):
@@ -495,15 +482,12 @@ def test_cli_broken_inputs_exit_2(hf_folder, gguf_bytes, tmp_path):
             rc, err = _cli([*argv, "--out", str(out)])
             results[(argv[0], name)] = rc
             _record(f"exit {rc}", f"{argv[0]} {name}")
-            assert rc == 2, (argv, err)
-            errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
-            assert len(errs) == 1 and "Traceback" not in err, (argv, err)
-            assert not out.exists()
+            line = assert_cli_user_error(rc, err, out, context=argv)
             if name.endswith((".bin", ".pt", ".pth", ".ckpt")) or name == "pickle_folder":
-                assert "pickle" in errs[0]
+                assert "pickle" in line
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, phases=_PHASES)
+@fuzz_settings(25, derandomize=True, suppress_health_check=list(HealthCheck), phases=_PHASES)
 @given(data=st.data())
 def test_cli_mutated_checkpoints(hf_folder, gguf_bytes, tmp_path_factory, data):
     """Mutated safetensors/GGUF files through `bshadow spectrum` and `bshadow export`: exit 0 or 2, never more."""
@@ -524,8 +508,7 @@ def test_cli_mutated_checkpoints(hf_folder, gguf_bytes, tmp_path_factory, data):
     _record(f"exit {rc}", f"{cmd} {kind}")
     assert rc in (0, 2), err
     if rc == 2:
-        assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1 and "Traceback" not in err, err
-        assert not (root / "out").exists()
+        assert_cli_user_error(rc, err, root / "out")
 
 
 def test_failed_run_keeps_previous_good_output(hf_folder, tmp_path):
@@ -575,43 +558,6 @@ def test_hostile_tensor_names_stay_inside_out(tmp_path):
 
     rows = list(csv.DictReader(open(work / "out" / "metrics.csv", newline="")))
     assert sorted(r["name"] for r in rows) == sorted(names)  # names round-trip through the CSV intact
-
-
-# ----------------------------------------------------------------------------- long campaign (-m slow)
-
-@pytest.mark.slow
-@LONG
-@given(header=_headers, data=st.binary(max_size=256), length=_lengths)
-def test_safetensors_header_fuzz_long(tmp_path_factory, header, data, length):
-    test_safetensors_header_fuzz.hypothesis.inner_test(tmp_path_factory, header, data, length)
-
-
-@pytest.mark.slow
-@LONG
-@given(data=st.data())
-def test_safetensors_byte_mutations_long(hf_folder, tmp_path_factory, data):
-    test_safetensors_byte_mutations.hypothesis.inner_test(hf_folder, tmp_path_factory, data)
-
-
-@pytest.mark.slow
-@LONG
-@given(weight_map=_weight_maps, extra=st.booleans(), raw=st.sampled_from([None, "", "{", "[]", "null", '{"weight_map": 1}']))
-def test_index_json_fuzz_long(hf_folder, tmp_path_factory, weight_map, extra, raw):
-    test_index_json_fuzz.hypothesis.inner_test(hf_folder, tmp_path_factory, weight_map, extra, raw)
-
-
-@pytest.mark.slow
-@LONG
-@given(data=st.data())
-def test_gguf_byte_mutations_long(gguf_bytes, tmp_path_factory, data):
-    test_gguf_byte_mutations.hypothesis.inner_test(gguf_bytes, tmp_path_factory, data)
-
-
-@pytest.mark.slow
-@LONG
-@given(changes=st.dictionaries(_config_keys, _json_values | st.just("__delete__"), max_size=4))
-def test_config_json_fuzz_long(hf_folder, tmp_path_factory, changes):
-    test_config_json_fuzz.hypothesis.inner_test(hf_folder, tmp_path_factory, changes)
 
 
 # ----------------------------------------------------------------------------- orbax run folders

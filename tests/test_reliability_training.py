@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from testkit import tiny_model_config
 
 importlib.import_module("bshadow_jax.training.loop")
 
 TINY = {
     "seed": 0,
-    "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "model": tiny_model_config(),
     "train": {"steps": 6, "batch_size": 8, "seq_len": 16, "log_every": 1, "checkpoint_every": 2,
               "keep_checkpoints": 2},
     "optim": {"lr": 1e-2, "warmup_steps": 0},
@@ -42,20 +42,17 @@ DEVICES = 2  # same device count in every run of a chain (docs/outputs.md: exact
 TIMING_KEYS = {"tokens_per_s"}
 
 DRIVER = textwrap.dedent("""
-    import os, resource, signal, sys
+    import functools, os, resource, signal, sys
     import numpy as np
     run_dir, cfg_path, fault = sys.argv[1], sys.argv[2], sys.argv[3]
     overrides = sys.argv[4:]
     from bshadow_jax import cli
     from bshadow_jax.training import checkpoint, loop
     from bshadow_jax.data.synthetic import make_synthetic_dataset
-    try:
-        import bshadow_jax.data.tokenizer as tokmod
-        tokmod.get_tokenizer = lambda data_cfg: None  # vocab comes from the model section
-    except ImportError:
-        pass
-    loop._default_dataset = lambda cfg, tok, b: make_synthetic_dataset(
-        vocab_size=cfg.model["vocab_size"], seq_len=cfg.train.seq_len, batch_size=b, seed=cfg.seed)
+    # `bshadow train` on the synthetic stream: the CLI handler calls loop.train_from_cli, here given the
+    # data through its dataset_fn parameter (so no tokenizer loads: the vocab is the model section's).
+    loop.train_from_cli = functools.partial(loop.train_from_cli, dataset_fn=lambda cfg, b: make_synthetic_dataset(
+        vocab_size=cfg.model["vocab_size"], seq_len=cfg.train.seq_len, batch_size=b, seed=cfg.seed))
     mode, _, at = fault.partition(":")
     at = int(at or -1)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import yaml
+from testkit import FigureRecorder, check_png_figure, png_pixel, read_png
 
 from bshadow_jax.cli import main
 
@@ -47,13 +49,19 @@ def _write(tmp_path, cfg, name="study.yaml"):
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
+def tiny_study_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("regimes")
     cfg = _write(tmp, TINY)
     out = tmp / "out"
-    rc = main(["experiment", "regimes", str(cfg), "--out", str(out)])
+    with FigureRecorder() as figures:
+        rc = main(["experiment", "regimes", str(cfg), "--out", str(out)])
     assert rc == 0
-    return cfg, out
+    return cfg, out, figures
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_study_run):
+    return tiny_study_run[:2]
 
 
 def test_tiny_regimes_results_contract(tiny_study):
@@ -89,14 +97,35 @@ def test_tiny_regimes_results_contract(tiny_study):
         assert all("diff" in t for t in c["tests"])
 
 
-def test_tiny_regimes_report_and_figures(tiny_study):
-    _, out = tiny_study
+def test_tiny_regimes_report_and_figures(tiny_study_run):
+    _, out, figures = tiny_study_run
     md = (out / "report.md").read_text()
-    for fig in ("narrow_broad.png", "footprint_heatmaps.png", "effective_rank.png", "footprint_curves.png",
-                "training_curves.png"):
-        assert (out / fig).is_file() and (out / fig).stat().st_size > 1000, fig
-        assert fig in md
+    for name in ("narrow_broad.png", "footprint_heatmaps.png", "effective_rank.png", "footprint_curves.png",
+                 "training_curves.png"):
+        check_png_figure(out / name, *figures.figure_for(out / name))
+        assert name in md
     assert "## Claims" in md and "benchmark_aligned" in md
+    arms = ["benchmark_aligned", "coverage_expanding"]
+    # heatmaps: the PNG shows each arm's largest and smallest cell in their (different) colours
+    fig, kw = figures.figure_for(out / "footprint_heatmaps.png")
+    img = read_png(out / "footprint_heatmaps.png")
+    axes = [ax for ax in fig.axes if ax.images]
+    assert sorted(ax.get_title() for ax in axes) == arms
+    for ax in axes:
+        im = ax.images[0]
+        grid = np.asarray(im.get_array(), dtype=float)
+        assert grid.shape == (1, 7) and np.isfinite(grid).all() and grid.max() > grid.min(), grid
+        cells = [np.unravel_index(f(grid), grid.shape) for f in (np.argmax, np.argmin)]
+        seen = [img[png_pixel(fig, kw, ax, j, i)] for i, j in cells]
+        for (i, j), colour in zip(cells, seen):
+            np.testing.assert_allclose(colour, im.to_rgba(grid[i, j])[:3], atol=0.02, err_msg=ax.get_title())
+        assert np.abs(seen[0] - seen[1]).sum() > 0.05, seen
+    # training curves: one finite loss curve per arm over the 4 fine-tuning steps, and the loss moves
+    fig, _ = figures.figure_for(out / "training_curves.png")
+    lines = {ln.get_label(): ln.get_xydata() for ln in fig.axes[0].get_lines()}
+    for arm in arms:
+        xy = lines[arm]
+        assert list(xy[:, 0]) == [1, 2, 3, 4] and np.isfinite(xy).all() and np.ptp(xy[:, 1]) > 0, xy
 
 
 def test_rerun_reuses_finished_units(tiny_study):

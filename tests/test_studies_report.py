@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
+from testkit import check_png_figure, png_pixel, read_png
+
 from bshadow_jax.studies import finalize
 from bshadow_jax.studies.spec import load_study_config
 
@@ -38,7 +40,7 @@ def regimes_cfg():
     return load_study_config("configs/regimes_cpu.yaml")
 
 
-def test_results_contract_and_report_from_records(tmp_path, regimes_cfg):
+def test_results_contract_and_report_from_records(tmp_path, regimes_cfg, saved_figures):
     rng = np.random.default_rng(0)
     spec = {"general": (0.3, 0.3, 0.5), "benchmark_aligned": (0.7, 0.3, 0.2), "coverage_expanding": (0.5, 0.5, 0.8),
             "mixture_a25": (0.65, 0.35, 0.35), "mixture_a75": (0.55, 0.45, 0.65), "repeated_subset": (0.5, 0.45, 0.6),
@@ -65,8 +67,53 @@ def test_results_contract_and_report_from_records(tmp_path, regimes_cfg):
     assert rs["mixture_monotonicity"]["spearman"] > 0.5
     md = (tmp_path / "report.md").read_text()
     assert "### C1" in md and "Regime score" in md
-    for f in out["figures"]:
-        assert (tmp_path / f).stat().st_size > 1000
+    figs = {f: saved_figures.figure_for(tmp_path / f) for f in out["figures"]}
+    for f, (fig, kw) in figs.items():
+        check_png_figure(tmp_path / f, fig, kw)
+    _check_heatmap_pixels(tmp_path / "footprint_heatmaps.png", *figs["footprint_heatmaps.png"], records)
+    _check_curves(figs, records)
+
+
+def _check_heatmap_pixels(path, fig, kw, records):
+    """Under each layer x module cell the PNG shows the viridis colour of that cell's energy share (mean over
+    seeds, on the common scale), computed here from the records."""
+    import matplotlib
+
+    img = read_png(path)
+    want = {arm: np.mean([[m["energy_share"] for m in r["matrices"]] for r in recs], axis=0).reshape(2, len(MODULES))
+            for arm, recs in records.items()}
+    vmax = max(float(g.max()) for g in want.values())
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.images}
+    assert sorted(axes) == sorted(records)
+    for arm, grid in want.items():
+        for (i, j), v in np.ndenumerate(grid):
+            r, c = png_pixel(fig, kw, axes[arm], j, i)
+            colour = matplotlib.colormaps["viridis"](v / vmax)[:3]
+            np.testing.assert_allclose(img[r, c], colour, atol=0.02, err_msg=f"{arm} layer {i} {MODULES[j]}")
+        (i0, j0), (i1, j1) = (np.unravel_index(f(grid), grid.shape) for f in (np.argmax, np.argmin))
+        hi, lo = img[png_pixel(fig, kw, axes[arm], j0, i0)], img[png_pixel(fig, kw, axes[arm], j1, i1)]
+        assert np.abs(hi - lo).sum() > 0.2, (arm, hi, lo)  # the largest cell's colour is not the smallest's
+
+
+def _check_curves(figs, records):
+    """The plotted lines and points are the records' numbers: loss and entropy curves, narrow/broad means."""
+    fig, _ = figs["training_curves.png"]
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    for arm in records:
+        np.testing.assert_allclose(lines[arm].get_xydata(), [[s, 3.0 / s] for s in (1, 2, 3, 4)])
+    np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_xydata(), [[1, 5.0]])
+    fig, _ = figs["footprint_curves.png"]
+    cumulative = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines() if ln.get_label() in records}
+    entropy = {ln.get_label(): ln.get_xydata() for ln in fig.axes[1].get_lines()}
+    for arm, recs in records.items():
+        assert np.all(np.diff(cumulative[arm]) >= 0) and cumulative[arm][-1] == pytest.approx(1.0)
+        ent = np.mean([r["footprint"]["entropy"] for r in recs])
+        np.testing.assert_allclose(entropy[arm], [[s, ent * s / 4] for s in (1, 2, 3, 4)])
+    fig, _ = figs["narrow_broad.png"]
+    points = [tuple(ln.get_xydata()[0]) for ln in fig.axes[0].get_lines() if len(ln.get_xydata()) == 1]
+    for recs in records.values():
+        want = (np.mean([r["narrow"]["score"] for r in recs]), np.mean([r["broad"]["score"] for r in recs]))
+        assert any(np.allclose(p, want) for p in points), (want, points)
 
 
 def test_repetition_claims_from_records(tmp_path):

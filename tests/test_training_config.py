@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import pytest
 import yaml
+from testkit import tiny_model_config
 
 from bshadow_jax import cli
 # imported up front: module-level @jax.jit decorators are not compiles
@@ -14,8 +15,7 @@ from bshadow_jax.errors import ConfigError
 from bshadow_jax.training.config import load_train_config, train_config_from_dict
 
 TINY = {
-    "model": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "model": tiny_model_config(num_hidden_layers=1, without=("max_position_embeddings",)),
     "train": {"steps": 2, "batch_size": 8, "seq_len": 16},
 }
 

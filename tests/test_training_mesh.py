@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from testkit import tiny_model_config
 
 from bshadow_jax.errors import ConfigError
 from bshadow_jax.training.config import MeshSection, train_config_from_dict
@@ -14,8 +15,7 @@ from bshadow_jax.data.synthetic import make_synthetic_dataset
 V, T = 64, 16
 BASE = {
     "seed": 3,
-    "model": {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "model": tiny_model_config(vocab_size=V),
     "train": {"steps": 3, "batch_size": 8, "seq_len": T, "log_every": 1, "checkpoint_every": 3},
     "optim": {"lr": 1e-2, "warmup_steps": 1},
 }

@@ -14,6 +14,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from testkit import tiny_model_config
 
 from bshadow_jax.errors import UserError
 from bshadow_jax.models import load_pretrained
@@ -25,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 V, T = 64, 16
 BASE = {
     "seed": 1,
-    "model": {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+    "model": tiny_model_config(vocab_size=V),
     "train": {"steps": 12, "batch_size": 4, "seq_len": T, "log_every": 1, "checkpoint_every": 4, "keep_checkpoints": 2},
     "optim": {"lr": 1e-2, "warmup_steps": 2},
 }

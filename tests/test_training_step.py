@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from testkit import tiny_model_config
 
 from bshadow_jax.models.llama import LlamaConfig, forward, init_params
 from bshadow_jax.training.config import OptimSection
@@ -14,8 +15,7 @@ from bshadow_jax.training.state import init_state
 from bshadow_jax.training.step import eval_step, loss_sums, make_train_step
 from bshadow_jax.data.synthetic import synthetic_batch
 
-CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CFG = LlamaConfig(**tiny_model_config(vocab_size=61))
 B, T = 8, 16
 
 
@@ -183,8 +183,7 @@ def test_remat_config_values():
     from bshadow_jax.errors import ConfigError
     from bshadow_jax.training.config import train_config_from_dict
 
-    model = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-             "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = tiny_model_config(vocab_size=61, num_hidden_layers=1, without=("max_position_embeddings",))
     assert train_config_from_dict({"model": model, "train": {"remat": "dots"}}).train.remat == "dots"
     assert train_config_from_dict({"model": model}).train.remat == "none"
     with pytest.raises(ConfigError, match="remat"):
@@ -197,8 +196,7 @@ def test_train_loop_with_remat_matches_without(tmp_path):
     from bshadow_jax.training.loop import train
     from bshadow_jax.data.synthetic import make_synthetic_dataset
 
-    model = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    model = tiny_model_config(vocab_size=61)
     results = {}
     for remat in ("none", "full"):
         cfg = train_config_from_dict({

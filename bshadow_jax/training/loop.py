@@ -307,7 +307,14 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def train_from_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
+def train_from_cli(config_path: str, out_dir: str, overrides: list[str], *,
+                   dataset_fn: Callable[[TrainConfig, int], Any] | None = None) -> int:
+    """`bshadow train CONFIG --out DIR key=value...`: load the config, train (or resume), print a summary.
+
+    dataset_fn(cfg, local_batch_size) -> grain IterDataset of batch dicts: the training data, passed
+    to `train` as `dataset` (e.g. the synthetic stream in tests). None, as the CLI calls it: the data
+    pipeline for `cfg.data`.
+    """
     cfg = load_train_config(config_path, list(overrides))
     enable_compilation_cache()
     if not ("--debug" in sys.argv or os.environ.get("BSHADOW_DEBUG") == "1"):
@@ -316,7 +323,7 @@ def train_from_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
         import logging
 
         logging.getLogger("absl").setLevel(logging.CRITICAL)
-    result = train(cfg, out_dir)
+    result = train(cfg, out_dir, dataset=None if dataset_fn is None else functools.partial(dataset_fn, cfg))
     last = result.metrics[-1] if result.metrics else {}
     loss = f"{last['loss']:.4f}" if "loss" in last else "n/a"
     print(f"trained {result.step} steps; final loss {loss}; run folder {result.out_dir}")
