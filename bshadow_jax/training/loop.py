@@ -13,6 +13,7 @@ uninterrupted one (same device count: the compiled program and the data order ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
