@@ -37,8 +37,11 @@ _EXPORTS = {
     "write_outputs": "bshadow_jax.diagnostics.run",
     "DiagnoseResult": "bshadow_jax.diagnostics.run",
     "SpectrumResult": "bshadow_jax.diagnostics.run",
-    "pair_stack": "bshadow_jax.diagnostics.compute",
-    "single_stack": "bshadow_jax.diagnostics.compute",
+    "pair_stack": "bshadow_jax.diagnostics.stacks",
+    "single_stack": "bshadow_jax.diagnostics.stacks",
+    "sv_metrics": "bshadow_jax.diagnostics.stacks",
+    "PairStackResult": "bshadow_jax.diagnostics.stacks",
+    "SingleStackResult": "bshadow_jax.diagnostics.stacks",
 }
 
 __all__ = sorted(_EXPORTS)

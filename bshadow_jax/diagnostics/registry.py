@@ -64,6 +64,12 @@ def registered_metrics(kind: str | None = None) -> tuple[Metric, ...]:
     return tuple(m for m in _REGISTRY.values() if kind is None or m.kind == kind)
 
 
+def cache_key() -> tuple:
+    """A hashable summary of the registry for the caches of jitted functions: a newly registered
+    (or replaced) metric means a new function."""
+    return tuple((m.name, m.fn, m.kind) for m in registered_metrics())
+
+
 @contextlib.contextmanager
 def temporary_metric(name: str, fn: Callable, *, kind: str = "singular_values") -> Iterator[Callable]:
     """Register `fn` for the duration of a `with` block (tests, notebooks)."""

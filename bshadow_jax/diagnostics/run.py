@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from bshadow_jax import fileio
-from bshadow_jax.diagnostics import compute, footprint, readers, registry
+from bshadow_jax.diagnostics import footprint, readers, registry, stacks
+from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 from bshadow_jax.errors import UserError
 
@@ -44,8 +45,8 @@ def _plan_chunks(items, mesh, budget_mb, *, copies: int):
 
     Every later chunk of a shape is padded to its first chunk's length: one compile per shape.
     """
-    mesh = compute.default_mesh(mesh)
-    nd = compute.mesh_size(mesh)
+    mesh = meshlib.default_mesh(mesh)
+    nd = meshlib.mesh_size(mesh)
     chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
     first_len: dict[tuple, int] = {}
     for c in chunks:
@@ -54,19 +55,20 @@ def _plan_chunks(items, mesh, budget_mb, *, copies: int):
 
 
 def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=None) -> None:
-    """One CSV row (and one spectrum) per matrix of a computed chunk; non-finite ones are skipped."""
+    """One CSV row (and one spectrum) per matrix of a computed chunk (a stacks.PairStackResult or
+    SingleStackResult); non-finite ones are skipped."""
     for i, it in enumerate(chunk):
         if not finite[i]:
             skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
             continue
         row = readers.row_labels(it)
         for c in metric_cols:
-            if c in res:
-                row[c] = _num(res[c][i], c)
+            if c in res.columns:
+                row[c] = _num(res.columns[c][i], c)
         if extra is not None:
-            row.update(extra(res["sv"][i]))
+            row.update(extra(res.sv[i]))
         rows.append(row)
-        spectra[it.name] = np.asarray(res["sv"][i])
+        spectra[it.name] = np.asarray(res.sv[i])
 
 
 def _num(x, col):
@@ -105,10 +107,10 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
         for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src,
                                                           prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = compute.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del b, t  # before the generator reads the next chunk
-            redo_sv += int(np.sum(res.get("_redo_sv", [])))
-            redo_intr += int(np.sum(res.get("_redo_intruders", [])))
+            redo_sv += int(np.sum(res.redo_sv))
+            redo_intr += int(np.sum(res.redo_intruders))
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
             bar.update(len(chunk))
     if not rows:
@@ -185,7 +187,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     with _progress(len(items), progress, "spectrum") as bar:
         for chunk, (w,), finite in readers.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = compute.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            res = stacks.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del w  # before the generator reads the next chunk
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
             bar.update(len(chunk))
