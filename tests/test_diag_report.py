@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from bshadow_jax import reporting
 from bshadow_jax.diagnostics import report as rp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +119,7 @@ def test_heatmap_grid_matches_rows():
     rng = np.random.default_rng(1)
     rows, _ = _diagnose_rows(rng, layers=3, experts=4)
     shares = np.array([r["energy_share"] for r in rows])
-    labels, mods, grid = rp.layer_module_grid(rows, shares, reduce="sum")
+    labels, mods, grid = reporting.layer_module_grid(rows, shares, reduce="sum")
     assert labels == ["0", "1", "2", "other"]
     assert mods[:1] == ["embed"] and mods[-1] == "lm_head" and mods.index("q_proj") < mods.index("down_proj")
     np.testing.assert_allclose(np.nansum(grid), 1.0, rtol=1e-12)
@@ -126,7 +127,7 @@ def test_heatmap_grid_matches_rows():
     want = sum(r["energy_share"] for r in rows if r["layer"] == 2 and r["module"] == "up_proj")
     np.testing.assert_allclose(grid[2, mods.index("up_proj")], want, rtol=1e-12)
     er = np.array([r["delta_effective_rank"] for r in rows])
-    _, _, g2 = rp.layer_module_grid(rows, er, reduce="mean")
+    _, _, g2 = reporting.layer_module_grid(rows, er, reduce="mean")
     want = np.mean([r["delta_effective_rank"] for r in rows if r["layer"] == 0 and r["module"] == "gate_proj"])
     np.testing.assert_allclose(g2[0, mods.index("gate_proj")], want, rtol=1e-12)
 
@@ -134,7 +135,7 @@ def test_heatmap_grid_matches_rows():
 def test_multimodal_and_summary_passthrough(tmp_path):
     rng = np.random.default_rng(2)
     rows, spectra = _diagnose_rows(rng, layers=2, vision_layers=3)
-    labels, _, _ = rp.layer_module_grid(rows, np.ones(len(rows)), reduce="sum")
+    labels, _, _ = reporting.layer_module_grid(rows, np.ones(len(rows)), reduce="sum")
     assert "vision:2" in labels and "language_model:1" in labels and "projector:other" in labels
     summary = {"footprint": {"entropy": 0.123456, "gini": 0.654321, "matrices_for_90pct": 0.25},
                "by_component": {"language_model": {"matrices": 16, "energy_share": 0.9},
