@@ -10,6 +10,7 @@ from bshadow_jax.fileio import atomic_write_json
 from bshadow_jax.studies import regime_score
 from bshadow_jax.studies.aggregate import aggregate_arm
 from bshadow_jax.studies.claims import evaluate_claims
+from bshadow_jax.studies.report import write_study_report
 from bshadow_jax.studies.spec import StudyConfig
 
 
@@ -87,8 +88,6 @@ def _regime(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]
 
 def write_outputs(cfg: StudyConfig, out: Path, results: dict, records: Mapping[str, Sequence[Mapping[str, Any]]], *,
                   base_eval=None, base_curve=None, title: str = "Study") -> None:
-    from bshadow_jax.studies.report import write_study_report
-
     notes = {a.name: arm_note(a) for a in cfg.arms if a.name in records}
     figs = write_study_report(out, title=title, results=results, records_by_arm=records, base_eval=base_eval,
                               base_curve=base_curve, arm_notes=notes)
