@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from bshadow_jax.diagnostics import compute
+from bshadow_jax.diagnostics import gram, host, stacks
+from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 
 SHAPES = [(24, 40), (40, 24)]  # wide and tall
@@ -91,7 +92,7 @@ COLS = ["base_fro", "delta_fro", "rel_delta", "base_overlap", "intruder_count"] 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exact_path_matches_numpy(shape):
     b, t = make_pairs(shape, 0)
-    got = compute.pair_stack(b, t, topk=4, method="svd", mesh=one_device_mesh())
+    got = stacks.pair_stack(b, t, topk=4, method="svd", mesh=one_device_mesh())
     for i in range(b.shape[0]):
         ref = ref_pair(b[i], t[i], topk=4)
         for c in COLS:
@@ -115,8 +116,8 @@ def fast_and_exact(shape, eig_backend: str):
     """The Gram path with this eigensolver backend against the exact one, on make_pairs(shape)."""
     b, t = make_pairs(shape, 1)
     mesh = one_device_mesh()
-    ex = compute.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
-    fa = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend=eig_backend)
+    ex = stacks.pair_stack(b, t, topk=4, method="svd", mesh=mesh)
+    fa = stacks.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend=eig_backend)
     assert_fast_matches_exact(fa, ex)
     return fa, ex
 
@@ -125,15 +126,15 @@ def fast_and_exact(shape, eig_backend: str):
 def test_fast_path_agrees_with_exact_jax_eigh(shape):
     fa, _ = fast_and_exact(shape, "jax")
     # the low-rank deltas cannot be resolved by a float32 Gram: they must take the exact route
-    assert fa["_redo_sv"][2]
-    assert not fa["_redo_sv"][0]
+    assert fa.redo_sv[2]
+    assert not fa.redo_sv[0]
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(96, 160), (160, 96), (72, 72)])
 def test_fast_path_agrees_with_exact_host_partial(shape):
     # (96, 160): k = 96 > HOST_BASE_VECTORS, so intruders are decided from the top base vectors only
     fa, ex = fast_and_exact(shape, "host")
-    assert not fa["_redo_sv"].any()  # float64 Gram values need no exact redo, low-rank deltas included
+    assert not fa.redo_sv.any()  # float64 Gram values need no exact redo, low-rank deltas included
     assert ex["intruder_count"][1] >= 1  # the planted rank-2 delta brings intruders: the test can see them
 
 
@@ -143,10 +144,10 @@ def test_host_partial_float64_work_in_small_blocks_gives_the_same_metrics(monkey
     # memory; 7-row blocks must give what one block gives
     b, t = make_pairs(shape, 7)
     mesh = one_device_mesh()
-    whole = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
-    monkeypatch.setattr(compute, "_BLOCK_BYTES", 8 * max(shape) * 7)
-    assert len(compute._row_blocks(b[0] if shape[0] > shape[1] else b[0].T)) > 10
-    blocked = compute.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
+    whole = stacks.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
+    monkeypatch.setattr(host, "_BLOCK_BYTES", 8 * max(shape) * 7)
+    assert len(host.row_blocks(b[0] if shape[0] > shape[1] else b[0].T)) > 10
+    blocked = stacks.pair_stack(b, t, topk=4, method="gram", mesh=mesh, eig_backend="host")
     for c in COLS:
         np.testing.assert_allclose(blocked[c], whole[c], rtol=1e-6, atol=1e-7, err_msg=c)
 
@@ -154,12 +155,12 @@ def test_host_partial_float64_work_in_small_blocks_gives_the_same_metrics(monkey
 def test_host_partial_intruders_fall_back_when_base_vectors_cannot_decide(monkeypatch):
     # with only 2 base vectors most tuned vectors cannot be decided: those pairs must be redone
     # exactly and still give the exact counts
-    monkeypatch.setattr(compute, "HOST_BASE_VECTORS", 2)
+    monkeypatch.setattr(host, "HOST_BASE_VECTORS", 2)
     b, t = make_pairs((96, 160), 5)
     mesh = one_device_mesh()
-    ex = compute.pair_stack(b, t, topk=2, method="svd", mesh=mesh)
-    fa = compute.pair_stack(b, t, topk=2, method="gram", mesh=mesh, eig_backend="host")
-    assert fa["_redo_intruders"].any()
+    ex = stacks.pair_stack(b, t, topk=2, method="svd", mesh=mesh)
+    fa = stacks.pair_stack(b, t, topk=2, method="gram", mesh=mesh, eig_backend="host")
+    assert fa.redo_intruders.any()
     np.testing.assert_array_equal(fa["intruder_count"], ex["intruder_count"])
 
 
@@ -185,9 +186,9 @@ def test_host_lapack_eigensolvers_match_numpy(dtype):
 def test_vmapped_stack_equals_single_matrices():
     b, t = make_pairs((24, 40), 2)
     mesh = one_device_mesh()
-    stacked = compute.pair_stack(b, t, method="svd", mesh=mesh)
+    stacked = stacks.pair_stack(b, t, method="svd", mesh=mesh)
     for i in range(b.shape[0]):
-        one = compute.pair_stack(b[i:i + 1], t[i:i + 1], method="svd", mesh=mesh)
+        one = stacks.pair_stack(b[i:i + 1], t[i:i + 1], method="svd", mesh=mesh)
         for c in COLS:
             np.testing.assert_allclose(one[c][0], stacked[c][i], rtol=1e-5, atol=1e-6, err_msg=c)
 
@@ -197,9 +198,9 @@ def test_sharded_8_devices_equals_one_device():
     b, t = make_pairs((40, 24), 3)
     b = np.concatenate([b, b[:1] * 0.5])  # 5 matrices: padding to 8 must be dropped
     t = np.concatenate([t, t[:1]])
-    one = compute.pair_stack(b, t, method="gram", mesh=one_device_mesh())
-    eight = compute.pair_stack(b, t, method="gram", mesh=compute.default_mesh())
-    assert compute.mesh_size(compute.default_mesh()) == 8
+    one = stacks.pair_stack(b, t, method="gram", mesh=one_device_mesh())
+    eight = stacks.pair_stack(b, t, method="gram", mesh=meshlib.default_mesh())
+    assert meshlib.mesh_size(meshlib.default_mesh()) == 8
     for c in COLS:
         assert eight[c].shape == (5,)
         np.testing.assert_allclose(eight[c], one[c], rtol=1e-5, atol=1e-6, err_msg=c)
@@ -208,7 +209,7 @@ def test_sharded_8_devices_equals_one_device():
 def test_zero_delta_and_bf16_upcast():
     rng = np.random.default_rng(4)
     b = rng.standard_normal((2, 16, 24)).astype(np.float32)
-    res = compute.pair_stack(b, b.copy(), method="gram", mesh=one_device_mesh())
+    res = stacks.pair_stack(b, b.copy(), method="gram", mesh=one_device_mesh())
     for c in COLS:
         if c != "base_fro":
             np.testing.assert_array_equal(res[c], 0.0, err_msg=c)
@@ -216,8 +217,8 @@ def test_zero_delta_and_bf16_upcast():
 
     b16 = b.astype(ml_dtypes.bfloat16)
     t16 = (b + 0.1 * rng.standard_normal(b.shape)).astype(ml_dtypes.bfloat16)
-    r16 = compute.pair_stack(b16, t16, mesh=one_device_mesh())
-    r32 = compute.pair_stack(b16.astype(np.float32), t16.astype(np.float32), mesh=one_device_mesh())
+    r16 = stacks.pair_stack(b16, t16, mesh=one_device_mesh())
+    r32 = stacks.pair_stack(b16.astype(np.float32), t16.astype(np.float32), mesh=one_device_mesh())
     for c in COLS:
         np.testing.assert_allclose(r16[c], r32[c], rtol=1e-6, err_msg=c)
 
@@ -232,4 +233,4 @@ def test_gram_guard_bound_is_conservative():
         g64 = w64 @ w64.T if shape[0] <= shape[1] else w64.T @ w64
         lam = np.linalg.eigvalsh(g64)
         err = np.max(np.abs(np.linalg.eigvalsh(g32) - lam)) / lam[-1]
-        assert err < compute.GRAM_REL_ERR / 5, (shape, err)
+        assert err < gram.GRAM_REL_ERR / 5, (shape, err)

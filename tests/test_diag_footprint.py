@@ -1,11 +1,11 @@
-"""Name-parsing table, --rename pairing and footprint statistics (no jax needed)."""
+"""Name-parsing table (diagnostics/names.py), --rename pairing and footprint statistics (no jax needed)."""
 import math
 
 import numpy as np
 import pytest
 
-from bshadow_jax.diagnostics import footprint
-from bshadow_jax.diagnostics.footprint import NameRule, parse_name
+from bshadow_jax.diagnostics import footprint, names
+from bshadow_jax.diagnostics.names import NameRule, parse_name
 from bshadow_jax.errors import UserError
 
 CASES = [
@@ -48,30 +48,30 @@ def test_parse_name_table(name, component, layer, module, expert):
 
 
 def test_user_rule_extends_table():
-    rule = footprint.register_name_rule(r"(?:^|\.)encoder\.block\.(?P<layer>\d+)\.(?P<module>\w+)\.weight$")
+    rule = names.register_name_rule(r"(?:^|\.)encoder\.block\.(?P<layer>\d+)\.(?P<module>\w+)\.weight$")
     try:
         assert parse_name("encoder.block.4.attention.weight")["layer"] == 4
         assert parse_name("encoder.block.4.attention.weight")["module"] == "attention"
     finally:
-        footprint.NAME_RULES.remove(rule)
+        names.NAME_RULES.remove(rule)
     assert parse_name("encoder.block.4.attention.weight")["layer"] is None
     r2 = NameRule(r"(?:^|\.)wpe(?:\.|$)", module="pos_embed")
-    footprint.NAME_RULES.insert(0, r2)
+    names.NAME_RULES.insert(0, r2)
     try:
         assert parse_name("transformer.wpe.weight")["module"] == "pos_embed"
     finally:
-        footprint.NAME_RULES.remove(r2)
+        names.NAME_RULES.remove(r2)
 
 
 def test_rename_rules():
-    rules = footprint.parse_rename(["model.language_model.=model."])
-    assert footprint.apply_rename("model.language_model.layers.3.mlp.up_proj.weight", rules) == \
+    rules = names.parse_rename(["model.language_model.=model."])
+    assert names.apply_rename("model.language_model.layers.3.mlp.up_proj.weight", rules) == \
         "model.layers.3.mlp.up_proj.weight"
-    assert footprint.apply_rename("model.vision_tower.x", rules) == "model.vision_tower.x"
+    assert names.apply_rename("model.vision_tower.x", rules) == "model.vision_tower.x"
     with pytest.raises(UserError):
-        footprint.parse_rename(["nonsense"])
+        names.parse_rename(["nonsense"])
     with pytest.raises(UserError):
-        footprint.compile_filter("([", "--include")
+        names.compile_filter("([", "--include")
 
 
 def _ref_gini(x):

@@ -206,12 +206,12 @@ def test_streamed_checkpoint_above_exact_size_takes_host_partial_path_and_matche
     rows must equal the exact three-SVD path's, a registered matrix metric included."""
     from safetensors.numpy import save_file
 
-    from bshadow_jax.diagnostics import compute
+    from bshadow_jax.diagnostics import stacks
 
     rng = np.random.default_rng(11)
     shapes = {"model.layers.0.mlp.up_proj.weight": (300, 160), "model.layers.0.mlp.down_proj.weight": (160, 300),
               "model.layers.1.self_attn.q_proj.weight": (160, 160)}
-    assert all(min(s) > compute.SMALL_K_EXACT for s in shapes.values())
+    assert all(min(s) > stacks.SMALL_K_EXACT for s in shapes.values())
     base = {n: (0.05 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
     tuned = {n: w + (rng.standard_normal((w.shape[0], 3)) @ rng.standard_normal((3, w.shape[1])) * 0.02
                      + 1e-4 * rng.standard_normal(w.shape)).astype(np.float32) for n, w in base.items()}

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from bshadow_jax import reporting
 from bshadow_jax.diagnostics import report as rp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +119,7 @@ def test_heatmap_grid_matches_rows():
     rng = np.random.default_rng(1)
     rows, _ = _diagnose_rows(rng, layers=3, experts=4)
     shares = np.array([r["energy_share"] for r in rows])
-    labels, mods, grid = rp.layer_module_grid(rows, shares, reduce="sum")
+    labels, mods, grid = reporting.layer_module_grid(rows, shares, reduce="sum")
     assert labels == ["0", "1", "2", "other"]
     assert mods[:1] == ["embed"] and mods[-1] == "lm_head" and mods.index("q_proj") < mods.index("down_proj")
     np.testing.assert_allclose(np.nansum(grid), 1.0, rtol=1e-12)
@@ -126,15 +127,43 @@ def test_heatmap_grid_matches_rows():
     want = sum(r["energy_share"] for r in rows if r["layer"] == 2 and r["module"] == "up_proj")
     np.testing.assert_allclose(grid[2, mods.index("up_proj")], want, rtol=1e-12)
     er = np.array([r["delta_effective_rank"] for r in rows])
-    _, _, g2 = rp.layer_module_grid(rows, er, reduce="mean")
+    _, _, g2 = reporting.layer_module_grid(rows, er, reduce="mean")
     want = np.mean([r["delta_effective_rank"] for r in rows if r["layer"] == 0 and r["module"] == "gate_proj"])
     np.testing.assert_allclose(g2[0, mods.index("gate_proj")], want, rtol=1e-12)
+
+
+def test_heatmap_grid_layers_only_drops_matrices_without_a_layer():
+    # the studies' per-layer heatmaps: no "other" row, and embed/lm_head leave no column behind
+    rng = np.random.default_rng(1)
+    rows, _ = _diagnose_rows(rng, layers=3, experts=4)
+    shares = [r["energy_share"] for r in rows]
+    labels, mods, grid = reporting.layer_module_grid(rows, shares, reduce="sum", layers_only=True)
+    full_labels, full_mods, full = reporting.layer_module_grid(rows, shares, reduce="sum")
+    assert labels == ["0", "1", "2"] and "embed" not in mods and "lm_head" not in mods
+    np.testing.assert_array_equal(grid, full[:3][:, [full_mods.index(m) for m in mods]])
+
+
+def test_report_footprint_fallback_is_summary_footprint_stats(tmp_path):
+    # without a footprint in the summary (spectrum), report.md computes the same numbers as
+    # summary.json's footprint_stats, 90% rule included (the shares' float sum is not exactly 1
+    # here, and the head share sits right at 90% of it)
+    from bshadow_jax.diagnostics.footprint import footprint_stats
+
+    shares = [0.8999999999991, 0.037133334096449665, 0.025513523838502913, 0.004033371644864331,
+              0.0273005345057325, 0.006019235915350629]
+    rows = [{"name": f"model.layers.{i}.mlp.up_proj.weight", "component": "language_model", "layer": i,
+             "module": "up_proj", "rows": 4, "cols": 4, "energy_share": s} for i, s in enumerate(shares)]
+    rp.write_report(tmp_path, rows, {}, {}, kind="spectrum")
+    md = (tmp_path / "report.md").read_text()
+    fp = footprint_stats(shares)
+    assert f"| matrices_for_90pct | {reporting.fmt(fp['matrices_for_90pct'])} |" in md
+    assert "| matrices holding 90% of the energy | 1 of 6 |" in md
 
 
 def test_multimodal_and_summary_passthrough(tmp_path):
     rng = np.random.default_rng(2)
     rows, spectra = _diagnose_rows(rng, layers=2, vision_layers=3)
-    labels, _, _ = rp.layer_module_grid(rows, np.ones(len(rows)), reduce="sum")
+    labels, _, _ = reporting.layer_module_grid(rows, np.ones(len(rows)), reduce="sum")
     assert "vision:2" in labels and "language_model:1" in labels and "projector:other" in labels
     summary = {"footprint": {"entropy": 0.123456, "gini": 0.654321, "matrices_for_90pct": 0.25},
                "by_component": {"language_model": {"matrices": 16, "energy_share": 0.9},

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from bshadow_jax.diagnostics import footprint
+from bshadow_jax.diagnostics.names import apply_rename, compile_filter, parse_name, parse_rename
 from bshadow_jax.errors import UserError
 from bshadow_jax.formats.sources import DictSource, open_checkpoint
 
@@ -65,18 +65,18 @@ def _keep(name: str, include, exclude) -> bool:
 def _filters(include, exclude):
     """--include/--exclude as compiled filters (regex strings are compiled; compiled ones pass through)."""
     def one(f, flag):
-        return footprint.compile_filter(f, flag) if isinstance(f, (str, type(None))) else f
+        return compile_filter(f, flag) if isinstance(f, (str, type(None))) else f
 
     return one(include, "--include"), one(exclude, "--exclude")
 
 
 def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) -> tuple[list[Item], list[dict]]:
     """Pair tensors by exact name (after --rename on tuned names); items in base order + skipped."""
-    rules = footprint.parse_rename(rename)
+    rules = parse_rename(rename)
     inc, exc = _filters(include, exclude)
     tuned_map: dict[str, str] = {}
     for tn in tuned_src.names():
-        tuned_map.setdefault(footprint.apply_rename(tn, rules), tn)
+        tuned_map.setdefault(apply_rename(tn, rules), tn)
     items: list[Item] = []
     skipped: list[dict] = []
     seen = set()
@@ -254,7 +254,7 @@ def iter_chunks(chunks: Sequence[Sequence[Item]], *sources, prefetch_limit_bytes
 
 def row_labels(item: Item) -> dict:
     """name/component/layer/module/expert/rows/cols of one analysed matrix."""
-    p = footprint.parse_name(item.base_name or item.name)
+    p = parse_name(item.base_name or item.name)
     expert = item.index if item.index is not None else p["expert"]
     return {
         "name": item.name,

@@ -19,6 +19,8 @@ import dataclasses
 import re
 from typing import Callable, Iterator
 
+from bshadow_jax.diagnostics.spectral import SV_METRICS
+
 KINDS = ("singular_values", "matrix")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -39,8 +41,6 @@ def register_metric(name: str, *, kind: str = "singular_values", overwrite: bool
         raise ValueError(f"register_metric: kind must be one of {KINDS}, got {kind!r}")
     if not _NAME_RE.match(name):
         raise ValueError(f"register_metric: {name!r} is not a valid column name (letters, digits, _)")
-    from bshadow_jax.diagnostics.spectral import SV_METRICS
-
     reserved = set(SV_METRICS) | {"base_fro", "delta_fro", "rel_delta", "energy_share", "base_overlap",
                                   "intruder_count", "alpha", "log_norm", "log_spectral_norm", "alpha_weighted"}
     if name in reserved:
@@ -62,6 +62,12 @@ def unregister_metric(name: str) -> None:
 def registered_metrics(kind: str | None = None) -> tuple[Metric, ...]:
     """Registered metrics in registration order (optionally of one kind)."""
     return tuple(m for m in _REGISTRY.values() if kind is None or m.kind == kind)
+
+
+def cache_key() -> tuple:
+    """A hashable summary of the registry for the caches of jitted functions: a newly registered
+    (or replaced) metric means a new function."""
+    return tuple((m.name, m.fn, m.kind) for m in registered_metrics())
 
 
 @contextlib.contextmanager

@@ -7,22 +7,19 @@ components, MoE experts, values read back from CSV as strings): nothing here rai
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bshadow_jax.fileio import atomic_write_bytes, atomic_write_text
+from bshadow_jax.diagnostics.footprint import footprint_stats
+from bshadow_jax.fileio import atomic_write_text
+from bshadow_jax.reporting import (cell, fmt, layer_module_grid, module_key, new_figure, num, save_figure,
+                                   table)
 
-# Canonical column order for the heatmaps; other modules follow alphabetically.
-MODULE_ORDER = (
-    "embed", "q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "o_proj", "out_proj", "c_proj",
-    "gate_proj", "up_proj", "gate_up_proj", "down_proj", "c_fc", "fc1", "fc2", "lm_head",
-)
 TOP_SPECTRA = 8
 TOP_TABLE = 10
 
@@ -37,73 +34,15 @@ FIG_ALPHA = "alpha_hist.png"
 # small helpers
 # ------------------------------------------------------------------------------------------
 
-def _num(v: Any) -> float:
-    """float of a row value (CSV strings, None, numpy scalars); NaN when absent/unparsable."""
-    if v is None or v == "":
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _layer(v: Any) -> int | None:
-    f = _num(v)
-    return int(f) if math.isfinite(f) else None
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if isinstance(v, str):
-        return _cell(v)
-    f = _num(v)
-    if math.isnan(f):
-        return "–"
-    if f == int(f) and abs(f) < 1e9:
-        return str(int(f))
-    return f"{f:.{digits}g}"
-
-
-def _cell(s: Any) -> str:
-    """Markdown-table-safe text (tensor names may contain anything)."""
-    return str(s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'")
-
-
-def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return lines
-
-
-def _module_key(m: str) -> tuple:
-    return (MODULE_ORDER.index(m), "") if m in MODULE_ORDER else (len(MODULE_ORDER), m)
-
-
 def _energy_shares(rows: Sequence[Mapping], kind: str) -> np.ndarray:
     """energy_share column; for spectrum rows without it, the weights' own ‖W‖F² share."""
-    share = np.array([_num(r.get("energy_share")) for r in rows], dtype=np.float64)
+    share = np.array([num(r.get("energy_share")) for r in rows], dtype=np.float64)
     if rows and np.all(np.isnan(share)):
         col = "delta_fro" if kind == "diagnose" else "fro"
-        fro = np.array([_num(r.get(col)) for r in rows], dtype=np.float64)
+        fro = np.array([num(r.get(col)) for r in rows], dtype=np.float64)
         e = np.where(np.isfinite(fro), fro * fro, 0.0)
         share = e / e.sum() if e.sum() > 0 else np.zeros_like(e)
     return np.where(np.isfinite(share), share, 0.0)
-
-
-def _footprint(shares: np.ndarray) -> dict:
-    """entropy / gini / matrices_for_90pct (DESIGN.md) when summary.json lacks them."""
-    n = shares.size
-    total = shares.sum()
-    if n == 0 or not total > 0:
-        return {"entropy": 0.0, "gini": 0.0, "matrices_for_90pct": 0.0}
-    s = shares / total
-    pos = s > 0
-    entropy = float(-np.sum(s[pos] * np.log(s[pos])) / math.log(n)) if n > 1 else 0.0
-    asc = np.sort(s)
-    i = np.arange(1, n + 1)
-    gini = float(np.sum((2 * i - n - 1) * asc) / (n * asc.sum()))
-    cum = np.cumsum(asc[::-1])
-    r = int(np.searchsorted(cum, 0.9 * (1 - 1e-12), side="left")) + 1
-    return {"entropy": entropy, "gini": gini, "matrices_for_90pct": min(r, n) / n}
 
 
 def _skipped_items(skipped: Any) -> list[tuple[str, str]]:
@@ -128,69 +67,16 @@ def _skipped_items(skipped: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _save(fig, out_dir: Path, name: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(out_dir / name, buf.getvalue())
-    return name
-
-
-def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h))
-
-
 # ------------------------------------------------------------------------------------------
 # figures
 # ------------------------------------------------------------------------------------------
-
-def layer_module_grid(rows: Sequence[Mapping], values: np.ndarray, *, reduce: str):
-    """(row labels, module labels, grid) with `reduce` ("sum"|"mean") over matrices per cell.
-
-    Rows are layers (prefixed by component when several components have layers, so a VLM's
-    vision tower and language model do not collide); matrices without a layer go to one
-    trailing row per component. MoE experts of one (layer, module) share a cell.
-    """
-    prefix = len({str(r.get("component") or "") for r in rows}) > 1
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    row_keys: set[tuple] = set()
-    modules: set[str] = set()
-    for r, v in zip(rows, values):
-        comp = str(r.get("component") or "")
-        layer = _layer(r.get("layer"))
-        module = str(r.get("module") or r.get("name") or "?")
-        # no layer: sort after every layer of its component
-        key = (comp, 0, layer) if layer is not None else (comp, 1, -1)
-        row_keys.add(key)
-        modules.add(module)
-        if math.isfinite(v):
-            cells[(key, module)].append(float(v))
-    ordered_rows = sorted(row_keys, key=lambda k: (k[0], k[1], k[2]))
-    ordered_mods = sorted(modules, key=_module_key)
-    grid = np.full((len(ordered_rows), len(ordered_mods)), np.nan)
-    for i, rk in enumerate(ordered_rows):
-        for j, m in enumerate(ordered_mods):
-            vals = cells.get((rk, m))
-            if vals:
-                grid[i, j] = float(np.sum(vals) if reduce == "sum" else np.mean(vals))
-
-    def label(k):
-        base = str(k[2]) if k[1] == 0 else "other"
-        return f"{k[0]}:{base}" if prefix else base
-
-    return [label(k) for k in ordered_rows], ordered_mods, grid
-
 
 def _heatmap(out_dir: Path, name: str, rows, values, *, reduce: str, title: str, cbar: str) -> str | None:
     if not rows:
         return None
     row_labels, mod_labels, grid = layer_module_grid(rows, values, reduce=reduce)
     nr, nc = grid.shape
-    fig = _figure(min(2.0 + 0.9 * nc, 24), min(1.6 + 0.28 * nr, 40))
+    fig = new_figure(min(2.0 + 0.9 * nc, 24), min(1.6 + 0.28 * nr, 40))
     ax = fig.add_subplot(1, 1, 1)
     masked = np.ma.masked_invalid(grid)
     import matplotlib
@@ -214,7 +100,7 @@ def _heatmap(out_dir: Path, name: str, rows, values, *, reduce: str, title: str,
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6,
                             color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
-    return _save(fig, out_dir, name)
+    return save_figure(fig, out_dir / name)
 
 
 def _spectra_figure(out_dir: Path, names: Sequence[str], spectra: Mapping[str, Any], kind: str) -> str | None:
@@ -226,7 +112,7 @@ def _spectra_figure(out_dir: Path, names: Sequence[str], spectra: Mapping[str, A
             curves.append((n, sv))
     if not curves:
         return None
-    fig = _figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax1 = fig.add_subplot(1, 2, 1)
     ax2 = fig.add_subplot(1, 2, 2)
     for n, sv in curves:
@@ -250,7 +136,7 @@ def _spectra_figure(out_dir: Path, names: Sequence[str], spectra: Mapping[str, A
     ax2.set_ylabel("cumulative fraction of Σσ²")
     ax2.set_ylim(0, 1.02)
     ax2.set_title("cumulative energy within each matrix")
-    return _save(fig, out_dir, FIG_SPECTRA)
+    return save_figure(fig, out_dir / FIG_SPECTRA)
 
 
 def _footprint_figure(out_dir: Path, shares: np.ndarray, frac90: float, kind: str) -> str | None:
@@ -259,7 +145,7 @@ def _footprint_figure(out_dir: Path, shares: np.ndarray, frac90: float, kind: st
         return None
     s = np.sort(shares / shares.sum())[::-1]
     x = np.arange(1, n + 1) / n
-    fig = _figure(5.5, 4.2)
+    fig = new_figure(5.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(np.concatenate([[0], x]), np.concatenate([[0], np.cumsum(s)]), marker="." if n <= 60 else None,
             lw=1.5, label="cumulative energy share")
@@ -273,14 +159,14 @@ def _footprint_figure(out_dir: Path, shares: np.ndarray, frac90: float, kind: st
     ax.set_ylabel("cumulative share of " + ("‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"))
     ax.set_title(f"footprint curve: 90% in {frac90:.1%} of matrices")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, out_dir, FIG_FOOTPRINT)
+    return save_figure(fig, out_dir / FIG_FOOTPRINT)
 
 
 def _alpha_figure(out_dir: Path, alphas: np.ndarray) -> str | None:
     a = alphas[np.isfinite(alphas) & (alphas > 0)]  # WW reports -1 for a failed fit
     if a.size == 0:
         return None
-    fig = _figure(5.5, 4.0)
+    fig = new_figure(5.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.hist(np.clip(a, 0, 20), bins=min(40, max(5, a.size // 2)), color="tab:blue", alpha=0.8)
     for t in (2.0, 6.0):  # WW's over-/under-trained thresholds
@@ -288,7 +174,7 @@ def _alpha_figure(out_dir: Path, alphas: np.ndarray) -> str | None:
     ax.set_xlabel("alpha (WeightWatcher power-law exponent, clipped at 20)")
     ax.set_ylabel("matrices")
     ax.set_title(f"alpha over {a.size} matrices (median {np.median(a):.2f})")
-    return _save(fig, out_dir, FIG_ALPHA)
+    return save_figure(fig, out_dir / FIG_ALPHA)
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,22 +187,22 @@ def _group_table(rows, shares, key, metric_cols, precomputed) -> list[list[str]]
     if isinstance(precomputed, Mapping) and precomputed:
         for g, d in precomputed.items():
             d = d if isinstance(d, Mapping) else {}
-            body.append([_cell(g), _fmt(d.get("matrices")), _fmt(d.get("energy_share"))]
-                        + [_fmt(d.get(c)) for c in metric_cols])
+            body.append([cell(g), fmt(d.get("matrices")), fmt(d.get("energy_share"))]
+                        + [fmt(d.get(c)) for c in metric_cols])
         return body
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         v = r.get(key)
         groups["none" if v is None or v == "" else str(v)].append(i)
-    order = _module_key if key == "module" else (lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k))
+    order = module_key if key == "module" else (lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k))
     for g in sorted(groups, key=order):
         idx = groups[g]
         cols = []
         for c in metric_cols:
-            vals = np.array([_num(rows[i].get(c)) for i in idx])
+            vals = np.array([num(rows[i].get(c)) for i in idx])
             vals = vals[np.isfinite(vals)]
-            cols.append(_fmt(vals.mean()) if vals.size else "–")
-        body.append([_cell(g), str(len(idx)), _fmt(float(shares[idx].sum()))] + cols)
+            cols.append(fmt(vals.mean()) if vals.size else "–")
+        body.append([cell(g), str(len(idx)), fmt(float(shares[idx].sum()))] + cols)
     return body
 
 
@@ -345,13 +231,13 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     d = "delta_" if kind == "diagnose" else ""
 
     shares = _energy_shares(rows, kind)
-    fp = dict(_footprint(shares))
+    fp = footprint_stats(shares)
     given_fp = summary.get("footprint")
     if isinstance(given_fp, Mapping):
         fp.update({k: v for k, v in given_fp.items() if v is not None})
     erank_col = next((c for c in (f"{d}effective_rank", "effective_rank") if any(c in r for r in rows)),
                      f"{d}effective_rank")
-    erank = np.array([_num(r.get(erank_col)) for r in rows], dtype=np.float64)
+    erank = np.array([num(r.get(erank_col)) for r in rows], dtype=np.float64)
 
     figures: list[str] = []
     what = "ΔW" if kind == "diagnose" else "W"
@@ -370,12 +256,12 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     f = _spectra_figure(out, top_spec, spectra, kind)
     if f:
         figures.append(f)
-    frac90 = _num(fp.get("matrices_for_90pct"))
+    frac90 = num(fp.get("matrices_for_90pct"))
     f = _footprint_figure(out, shares, frac90 if math.isfinite(frac90) else 0.0, kind)
     if f:
         figures.append(f)
     if kind == "spectrum":
-        alphas = np.array([_num(r.get("alpha")) for r in rows], dtype=np.float64)
+        alphas = np.array([num(r.get("alpha")) for r in rows], dtype=np.float64)
         f = _alpha_figure(out, alphas)
         if f:
             figures.append(f)
@@ -398,27 +284,27 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
                  "as WeightWatcher 0.7.x computes them.")
     L += ["", "## Summary", ""]
     facts = [("matrices analysed", str(n)), ("tensors skipped", str(len(skipped))),
-             ("footprint entropy", _fmt(fp.get("entropy"))), ("footprint gini", _fmt(fp.get("gini"))),
-             ("matrices_for_90pct", _fmt(fp.get("matrices_for_90pct")))]
-    frac = _num(fp.get("matrices_for_90pct"))
+             ("footprint entropy", fmt(fp.get("entropy"))), ("footprint gini", fmt(fp.get("gini"))),
+             ("matrices_for_90pct", fmt(fp.get("matrices_for_90pct")))]
+    frac = num(fp.get("matrices_for_90pct"))
     if math.isfinite(frac) and n:
         facts.append(("matrices holding 90% of the energy", f"{int(round(frac * n))} of {n}"))
     if kind == "diagnose":
-        dfro = np.array([_num(r.get("delta_fro")) for r in rows])
-        bfro = np.array([_num(r.get("base_fro")) for r in rows])
+        dfro = np.array([num(r.get("delta_fro")) for r in rows])
+        bfro = np.array([num(r.get("base_fro")) for r in rows])
         if np.isfinite(dfro).any():
             tot_d = math.sqrt(float(np.nansum(dfro ** 2)))
-            facts.append(("total ‖ΔW‖F", _fmt(tot_d)))
+            facts.append(("total ‖ΔW‖F", fmt(tot_d)))
             if np.isfinite(bfro).any() and np.nansum(bfro ** 2) > 0:
-                facts.append(("total ‖ΔW‖F / ‖W_base‖F", _fmt(tot_d / math.sqrt(float(np.nansum(bfro ** 2))))))
+                facts.append(("total ‖ΔW‖F / ‖W_base‖F", fmt(tot_d / math.sqrt(float(np.nansum(bfro ** 2))))))
     else:
-        alphas = np.array([_num(r.get("alpha")) for r in rows])
+        alphas = np.array([num(r.get("alpha")) for r in rows])
         ok = alphas[np.isfinite(alphas) & (alphas > 0)]
         if ok.size:
-            facts.append(("median alpha", _fmt(np.median(ok))))
+            facts.append(("median alpha", fmt(np.median(ok))))
             facts.append(("alpha < 2 (WW: over-trained)", str(int(np.sum(ok < 2)))))
             facts.append(("alpha > 6 (WW: under-trained)", str(int(np.sum(ok > 6)))))
-    L += _table(["quantity", "value"], facts)
+    L += table(["quantity", "value"], facts)
 
     if n == 0:
         L += ["", "No matrix was analysed."]
@@ -434,13 +320,13 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
         body = []
         for i in order:
             r = rows[i]
-            shape = f"{_fmt(r.get('rows'))}×{_fmt(r.get('cols'))}"
-            vals = [_fmt(shares[i]) if c == "energy_share" else _fmt(r.get(c)) for c in cols]
-            body.append([f"`{_cell(r.get('name'))}`", _cell(r.get("component") or ""), _fmt(r.get("layer")),
-                         _cell(r.get("module") or ""), shape] + vals)
+            shape = f"{fmt(r.get('rows'))}×{fmt(r.get('cols'))}"
+            vals = [fmt(shares[i]) if c == "energy_share" else fmt(r.get(c)) for c in cols]
+            body.append([f"`{cell(r.get('name'))}`", cell(r.get("component") or ""), fmt(r.get("layer")),
+                         cell(r.get("module") or ""), shape] + vals)
         share_of = "‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"
         L += ["", f"## Top {len(order)} matrices by energy share (of {share_of})", ""]
-        L += _table(["name", "component", "layer", "module", "shape"] + cols, body)
+        L += table(["name", "component", "layer", "module", "shape"] + cols, body)
 
         metric_cols = [c for c in ("rel_delta", f"{d}effective_rank", f"{d}stable_rank") if any(c in r for r in rows)]
         if kind == "spectrum":
@@ -450,14 +336,14 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
             pre = summary.get(f"by_{key}") if kind == "diagnose" else None
             body = _group_table(rows, shares, key, metric_cols, pre)
             L += ["", f"## By {label}", ""]
-            L += _table([label, "matrices", "energy share"] + [f"mean {c}" for c in metric_cols], body)
+            L += table([label, "matrices", "energy share"] + [f"mean {c}" for c in metric_cols], body)
 
     L += ["", "## Skipped tensors", ""]
     if skipped:
         # group "shape mismatch: base [..] vs tuned [..]" and the like by their lead words
         reasons = Counter(reason.split(":")[0] for _, reason in skipped)
-        L += _table(["reason", "tensors"], [[_cell(k), str(v)] for k, v in reasons.most_common()])
-        L += ["", "First skipped tensors: " + ", ".join(f"`{_cell(nm)}` ({_cell(rs)})" for nm, rs in skipped[:20])]
+        L += table(["reason", "tensors"], [[cell(k), str(v)] for k, v in reasons.most_common()])
+        L += ["", "First skipped tensors: " + ", ".join(f"`{cell(nm)}` ({cell(rs)})" for nm, rs in skipped[:20])]
     else:
         L.append("None.")
 
@@ -465,7 +351,7 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
         FIG_ENERGY: "Energy share per layer × module (sum over matrices in the cell, e.g. MoE experts).",
         FIG_ERANK: f"Effective rank ({erank_col}) per layer × module (mean over matrices in the cell).",
         FIG_SPECTRA: "Singular value spectra of the matrices with the largest energy share: "
-                     + ", ".join(f"`{_cell(x)}`" for x in top_spec) + ".",
+                     + ", ".join(f"`{cell(x)}`" for x in top_spec) + ".",
         FIG_FOOTPRINT: "Footprint curve: cumulative energy share over matrices sorted by share; dashed: 90%.",
         FIG_ALPHA: "Histogram of WeightWatcher alpha; dashed lines at 2 and 6.",
     }

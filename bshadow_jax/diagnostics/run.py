@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 
 from bshadow_jax import fileio
-from bshadow_jax.diagnostics import compute, footprint, readers, registry
+from bshadow_jax.diagnostics import footprint, readers, registry, stacks
+from bshadow_jax.diagnostics import mesh as meshlib
+from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
+from bshadow_jax.diagnostics.report import write_report
 from bshadow_jax.diagnostics.spectral import SV_METRICS
-from bshadow_jax.errors import UserError
+from bshadow_jax.errors import UserError, refuse_pickle
 
 ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
 DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
@@ -44,8 +47,8 @@ def _plan_chunks(items, mesh, budget_mb, *, copies: int):
 
     Every later chunk of a shape is padded to its first chunk's length: one compile per shape.
     """
-    mesh = compute.default_mesh(mesh)
-    nd = compute.mesh_size(mesh)
+    mesh = meshlib.default_mesh(mesh)
+    nd = meshlib.mesh_size(mesh)
     chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
     first_len: dict[tuple, int] = {}
     for c in chunks:
@@ -54,19 +57,20 @@ def _plan_chunks(items, mesh, budget_mb, *, copies: int):
 
 
 def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=None) -> None:
-    """One CSV row (and one spectrum) per matrix of a computed chunk; non-finite ones are skipped."""
+    """One CSV row (and one spectrum) per matrix of a computed chunk (a stacks.PairStackResult or
+    SingleStackResult); non-finite ones are skipped."""
     for i, it in enumerate(chunk):
         if not finite[i]:
             skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
             continue
         row = readers.row_labels(it)
         for c in metric_cols:
-            if c in res:
-                row[c] = _num(res[c][i], c)
+            if c in res.columns:
+                row[c] = _num(res.columns[c][i], c)
         if extra is not None:
-            row.update(extra(res["sv"][i]))
+            row.update(extra(res.sv[i]))
         rows.append(row)
-        spectra[it.name] = np.asarray(res["sv"][i])
+        spectra[it.name] = np.asarray(res.sv[i])
 
 
 def _num(x, col):
@@ -105,10 +109,10 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
         for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src,
                                                           prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = compute.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del b, t  # before the generator reads the next chunk
-            redo_sv += int(np.sum(res.get("_redo_sv", [])))
-            redo_intr += int(np.sum(res.get("_redo_intruders", [])))
+            redo_sv += int(np.sum(res.redo_sv))
+            redo_intr += int(np.sum(res.redo_intruders))
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
             bar.update(len(chunk))
     if not rows:
@@ -145,14 +149,37 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
 def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, rename=(), include=None,
              exclude=None, method: str = "auto", budget_mb: float = 512.0, progress=False,
              eig_backend: str = "auto") -> DiagnoseResult:
-    """Delta metrics of two in-memory parameter pytrees (nested or flat dicts of arrays)."""
+    """Delta metrics of two in-memory parameter pytrees (nested or flat dicts of arrays).
+
+    Args:
+        base_params, tuned_params: the two pytrees; matrices are paired by name.
+        topk: K of base_overlap and of the top-k delta metrics.
+        mesh: device mesh to shard the stacks over (default: every local device).
+        rename: --rename rules ("OLD=NEW" or pairs) applied to tuned names.
+        include, exclude: regexes (strings or compiled) on tensor names.
+        method: "auto", "svd" or "gram" (stacks.resolve_method).
+        budget_mb: memory budget of one stack of matrices.
+        progress: show a progress bar (None: when stderr is a terminal).
+        eig_backend: "auto", "host" or "jax" (stacks.use_host).
+
+    Returns:
+        DiagnoseResult (rows, summary, spectra).
+    """
     return _diagnose_sources(readers.DictSource(base_params, "<base>"), readers.DictSource(tuned_params, "<tuned>"),
                              topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
                              method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
 
 
 def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
-    """diagnose() streaming two checkpoints (paths) tensor by tensor."""
+    """diagnose() streaming two checkpoints tensor by tensor.
+
+    Args:
+        base_path, tuned_path: checkpoint files or folders (readers.open_source).
+        **kw: diagnose()'s keyword arguments.
+
+    Returns:
+        DiagnoseResult.
+    """
     with readers.open_source(base_path) as b, readers.open_source(tuned_path) as t:
         return _diagnose_sources(b, t, **kw)
 
@@ -162,10 +189,6 @@ def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
 # ------------------------------------------------------------------------------------------
 
 def _ww(sv) -> dict:
-    try:
-        from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
-    except ImportError:  # pragma: no cover - DIAG-REPORT's module
-        return {c: float("nan") for c in WW_COLS}
     m = ww_metrics_from_sv(np.asarray(sv, np.float64))
     return {c: float(m[c]) for c in WW_COLS}
 
@@ -185,7 +208,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     with _progress(len(items), progress, "spectrum") as bar:
         for chunk, (w,), finite in readers.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
             pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = compute.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            res = stacks.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del w  # before the generator reads the next chunk
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
             bar.update(len(chunk))
@@ -208,7 +231,15 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
 
 
 def spectrum(params_or_path: Any, **kw) -> SpectrumResult:
-    """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint."""
+    """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint.
+
+    Args:
+        params_or_path: a parameter pytree, or a checkpoint path (readers.open_source).
+        **kw: topk, mesh, include, exclude, method, budget_mb, progress, eig_backend as in diagnose().
+
+    Returns:
+        SpectrumResult (rows, summary, spectra).
+    """
     with readers.open_source(params_or_path) as src:
         return _spectrum_source(src, **kw)
 
@@ -230,6 +261,7 @@ def _finite_or_none(obj):
 
 
 def rows_to_csv(rows: list[dict], cols: list[str]) -> str:
+    """CSV text of `rows` in column order `cols` (floats as repr, None as empty)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -238,23 +270,22 @@ def rows_to_csv(rows: list[dict], cols: list[str]) -> str:
     return buf.getvalue()
 
 
-def _write_report(tmp: Path, result, kind: str) -> None:
-    try:
-        from bshadow_jax.diagnostics.report import write_report
-    except ImportError:  # pragma: no cover - DIAG-REPORT's module
-        fileio.atomic_write_text(tmp / "report.md", f"# {kind}\n\n{result.summary.get('matrices')} matrices analysed.\n")
-        return
-    write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
-
-
 def write_outputs(result, out_dir) -> Path:
-    """metrics.csv, summary.json and report (md + PNG) into out_dir, atomically."""
+    """metrics.csv, summary.json and report (md + PNG) into out_dir, atomically.
+
+    Args:
+        result: a DiagnoseResult or SpectrumResult.
+        out_dir: the output folder (replaced as a whole; see fileio.check_output_dir).
+
+    Returns:
+        The output folder.
+    """
     kind = result.summary.get("kind", "diagnose")
     out = fileio.check_output_dir(out_dir)
     with fileio.atomic_output_dir(out) as tmp:
         fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"]))
         fileio.atomic_write_json(tmp / "summary.json", _finite_or_none(result.summary))
-        _write_report(tmp, result, kind)
+        write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
     return Path(out)
 
 
@@ -267,8 +298,6 @@ write_spectrum_outputs = write_outputs
 # ------------------------------------------------------------------------------------------
 
 def _check_inputs(*paths) -> None:
-    from bshadow_jax.errors import refuse_pickle
-
     for p in paths:
         refuse_pickle(p)
         if not os.path.exists(p):

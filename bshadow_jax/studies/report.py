@@ -10,17 +10,24 @@ Figures (each written atomically):
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bshadow_jax.fileio import atomic_write_bytes, atomic_write_text
+from bshadow_jax.fileio import atomic_write_text
+# subplots and save_figure are this module's figure API, for studies/cross_family.py too
+from bshadow_jax.reporting import fmt_or_na, layer_module_grid, save_figure, subplots, table
+
+__all__ = ["category_table", "claims_md", "fig_effective_rank", "fig_footprint_curves", "fig_heatmaps",
+           "fig_narrow_broad", "fig_regime_score", "fig_training_curves", "fmt_ci", "lookup", "regime_md",
+           "results_table", "save_figure", "subplots", "write_study_report"]
 
 
 def _plt():
+    """pyplot on the Agg backend. Transitional: studies/cross_family.py (split in parallel) still
+    draws with it; it goes once that module uses subplots() and save_figure()."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -30,11 +37,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    """save_figure() and close the pyplot figure. Transitional, as _plt()."""
+    name = save_figure(fig, path)
     _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path.name
+    return name
 
 
 def _m(ci: Any) -> float:
@@ -49,7 +55,8 @@ def _err(ci: Any) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def _get(entry: Mapping, path: str) -> Any:
+def lookup(entry: Mapping, path: str) -> Any:
+    """entry["a"]["b"]["c"] for path "a.b.c"; None where a step is missing or not a mapping."""
     node: Any = entry
     for p in path.split("."):
         if not isinstance(node, Mapping) or p not in node:
@@ -59,6 +66,7 @@ def _get(entry: Mapping, path: str) -> Any:
 
 
 def fmt_ci(ci: Any, digits: int = 3) -> str:
+    """"mean [lo, hi]" of an interval dict ({"mean", "lo", "hi"}), the mean alone without bounds, else "n/a"."""
     if not isinstance(ci, Mapping) or ci.get("mean") is None:
         return "n/a"
     if ci.get("lo") is None:
@@ -69,15 +77,14 @@ def fmt_ci(ci: Any, digits: int = 3) -> str:
 # ---------------------------------------------------------------- figures
 
 def fig_narrow_broad(arms: Mapping[str, Any], base_eval: Mapping[str, Any] | None, path: Path) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = subplots(figsize=(6.5, 5))
     for i, (name, entry) in enumerate(arms.items()):
-        n, b = _get(entry, "narrow.score"), _get(entry, "broad.score")
+        n, b = lookup(entry, "narrow.score"), lookup(entry, "broad.score")
         xe, ye = _err(n), _err(b)
         ax.errorbar(_m(n), _m(b), xerr=[[xe[0]], [xe[1]]], yerr=[[ye[0]], [ye[1]]], fmt="o", capsize=3,
                     color=f"C{i % 10}", label=name)
     if base_eval:
-        bn, bb = _get(base_eval, "narrow.score"), _get(base_eval, "broad.score")
+        bn, bb = lookup(base_eval, "narrow.score"), lookup(base_eval, "broad.score")
         if isinstance(bn, (int, float)) and isinstance(bb, (int, float)):
             ax.plot([bn], [bb], "k*", ms=12, label="base")
     ax.set_xlabel("narrow score (benchmark)")
@@ -85,39 +92,22 @@ def fig_narrow_broad(arms: Mapping[str, Any], base_eval: Mapping[str, Any] | Non
     ax.set_title("narrow vs broad per arm (mean, 95% CI over seeds)")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _layer_module_grid(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[str], list[str], np.ndarray]:
-    layers = sorted({int(r["layer"]) for r in rows if r.get("layer") not in (None, "")})
-    modules: list[str] = []
-    for r in rows:
-        if r.get("layer") not in (None, "") and r["module"] not in modules:
-            modules.append(r["module"])
-    grid = np.full((len(layers), len(modules)), np.nan)
-    counts = np.zeros_like(grid)
-    for r in rows:
-        if r.get("layer") in (None, "") or r.get(key) is None:
-            continue
-        i, j = layers.index(int(r["layer"])), modules.index(r["module"])
-        grid[i, j] = (0.0 if np.isnan(grid[i, j]) else grid[i, j]) + float(r[key])
-        counts[i, j] += 1
-    return [str(x) for x in layers], modules, grid
+    return save_figure(fig, path)
 
 
 def fig_heatmaps(rows_by_arm: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, key: str = "energy_share",
                  title: str = "energy share") -> str:
-    plt = _plt()
     names = [a for a, rows in rows_by_arm.items() if rows]
     if not names:
-        fig, ax = plt.subplots(figsize=(4, 2))
+        fig, ax = subplots(figsize=(4, 2))
         ax.text(0.5, 0.5, "no diagnose rows", ha="center")
-        return _save(fig, path)
-    grids = {a: _layer_module_grid(rows_by_arm[a], key) for a in names}
+        return save_figure(fig, path)
+    grids = {a: layer_module_grid(rows_by_arm[a], [r.get(key) for r in rows_by_arm[a]], reduce="sum",
+                                  layers_only=True) for a in names}
     vmax = max(float(np.nanmax(g[2])) if np.isfinite(g[2]).any() else 0.0 for g in grids.values()) or 1.0
     ncol = min(len(names), 4)
     nrow = math.ceil(len(names) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.6 * nrow + 0.4), squeeze=False)
+    fig, axes = subplots(nrow, ncol, figsize=(3.4 * ncol, 2.6 * nrow + 0.4), squeeze=False)
     im = None
     for k, a in enumerate(names):
         ax = axes[k // ncol][k % ncol]
@@ -132,27 +122,25 @@ def fig_heatmaps(rows_by_arm: Mapping[str, Sequence[Mapping[str, Any]]], path: P
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=title)
     fig.suptitle(f"layer x module {title} per arm (mean over seeds; same colour scale)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_effective_rank(rows_by_arm: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> str:
-    plt = _plt()
     names = [a for a, rows in rows_by_arm.items() if rows]
     data = [[float(r["delta_effective_rank"]) for r in rows_by_arm[a] if r.get("delta_effective_rank") is not None]
             for a in names]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+    fig, ax = subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
     if names:
         ax.boxplot(data, showmeans=True)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("delta effective rank (per matrix)")
     ax.set_title("effective-rank distribution of the fine-tuning deltas (all matrices, all seeds)")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_footprint_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> str:
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     for i, (arm, recs) in enumerate(records_by_arm.items()):
         color = f"C{i % 10}"
         curves = []
@@ -177,7 +165,7 @@ def fig_footprint_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]
     ax2.set_ylabel("footprint entropy")
     ax2.set_title("footprint entropy along training (mean over seeds)")
     ax2.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _mean_curve(recs: Sequence[Mapping[str, Any]], curve: str, key: str) -> tuple[list[int], list[float]]:
@@ -193,8 +181,7 @@ def _mean_curve(recs: Sequence[Mapping[str, Any]], curve: str, key: str) -> tupl
 
 def fig_training_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]]],
                         base_curve: Sequence[Mapping[str, Any]] | None, path: Path) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2 if base_curve else 1, figsize=(11 if base_curve else 6, 4), squeeze=False)
+    fig, axes = subplots(1, 2 if base_curve else 1, figsize=(11 if base_curve else 6, 4), squeeze=False)
     ax = axes[0][0]
     for i, (arm, recs) in enumerate(records_by_arm.items()):
         xs, ys = _mean_curve(recs, "train_curve", "loss")
@@ -214,13 +201,12 @@ def fig_training_curves(records_by_arm: Mapping[str, Sequence[Mapping[str, Any]]
         ax.set_ylabel("loss")
         ax.set_title("base pretraining loss")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def fig_regime_score(validation: Mapping[str, Any], path: Path) -> str:
-    plt = _plt()
     arms = validation.get("arms", {})
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(arms) + 2), 4))
+    fig, ax = subplots(figsize=(max(5, 0.9 * len(arms) + 2), 4))
     for i, (arm, entry) in enumerate(arms.items()):
         for j, s in enumerate(entry.get("per_seed", [])):
             x = i + (j - 1) * 0.12
@@ -237,41 +223,35 @@ def fig_regime_score(validation: Mapping[str, Any], path: Path) -> str:
     ax.set_ylabel("regime score (0 = aligned ref, 1 = coverage ref)")
     ax.set_title("regime score per arm and seed (95% bootstrap interval)")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- report.md
 
 def results_table(arms: Mapping[str, Any]) -> str:
-    lines = ["| arm | seeds | narrow | broad | footprint entropy | mean delta eff. rank | gini |",
-             "|---|---|---|---|---|---|---|"]
-    for name, e in arms.items():
-        lines.append(
-            f"| {name} | {len(e.get('seeds', []))} | {fmt_ci(_get(e, 'narrow.score'))} | {fmt_ci(_get(e, 'broad.score'))} | "
-            f"{fmt_ci(_get(e, 'footprint.entropy'))} | {fmt_ci(_get(e, 'footprint.delta_effective_rank'), 2)} | "
-            f"{fmt_ci(_get(e, 'footprint.gini'))} |")
-    return "\n".join(lines)
+    """Markdown table of each arm's seeds, narrow/broad scores and footprint, with intervals."""
+    body = [[name, str(len(e.get("seeds", []))), fmt_ci(lookup(e, "narrow.score")), fmt_ci(lookup(e, "broad.score")),
+             fmt_ci(lookup(e, "footprint.entropy")), fmt_ci(lookup(e, "footprint.delta_effective_rank"), 2),
+             fmt_ci(lookup(e, "footprint.gini"))] for name, e in arms.items()]
+    return "\n".join(table(["arm", "seeds", "narrow", "broad", "footprint entropy", "mean delta eff. rank", "gini"],
+                           body))
 
 
 def category_table(arms: Mapping[str, Any], section: str) -> str:
+    """Markdown table of each arm's per-category scores of `section` ("narrow" or "broad")."""
     cats: list[str] = []
     for e in arms.values():
-        for c in (_get(e, f"{section}.by_category") or {}):
+        for c in (lookup(e, f"{section}.by_category") or {}):
             if c not in cats:
                 cats.append(c)
     if not cats:
         return f"(no per-category {section} scores)"
-    lines = ["| arm | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
-    for name, e in arms.items():
-        lines.append(f"| {name} | " + " | ".join(fmt_ci(_get(e, f"{section}.by_category.{c}"), 3) for c in cats) + " |")
-    return "\n".join(lines)
-
-
-def _fmt_num(v: Any) -> str:
-    return "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    body = [[name] + [fmt_ci(lookup(e, f"{section}.by_category.{c}"), 3) for c in cats] for name, e in arms.items()]
+    return "\n".join(table(["arm"] + cats, body))
 
 
 def claims_md(claims: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown of each claim's verdict and its tests."""
     out = []
     for c in claims:
         out.append(f"### {c['id']}: {c['claim']}\n\n**{c['verdict'].upper()}** at this scale (held = {c['held']}).\n")
@@ -282,9 +262,9 @@ def claims_md(claims: Sequence[Mapping[str, Any]]) -> str:
         for t in c.get("tests", []):
             if "data_effect" in t:
                 de, se = t["data_effect"], t["setting_effect"]
-                out.append(f"- {t['comparison']}: data effect {_fmt_num(de.get('diff'))} "
-                           f"[{_fmt_num(de.get('lo'))}, {_fmt_num(de.get('hi'))}], setting effect "
-                           f"{_fmt_num(se.get('diff'))} [{_fmt_num(se.get('lo'))}, {_fmt_num(se.get('hi'))}] -> "
+                out.append(f"- {t['comparison']}: data effect {fmt_or_na(de.get('diff'))} "
+                           f"[{fmt_or_na(de.get('lo'))}, {fmt_or_na(de.get('hi'))}], setting effect "
+                           f"{fmt_or_na(se.get('diff'))} [{fmt_or_na(se.get('lo'))}, {fmt_or_na(se.get('hi'))}] -> "
                            f"{t['verdict']}")
             else:
                 extra = ""
@@ -292,20 +272,21 @@ def claims_md(claims: Sequence[Mapping[str, Any]]) -> str:
                     extra = f"; {t['fraction_of_separation']:.2f} of the aligned-coverage separation"
                 means = ""
                 if t.get("a_mean") is not None:
-                    means = f" (means {_fmt_num(t['a_mean'])} vs {_fmt_num(t['b_mean'])})"
-                out.append(f"- {t['comparison']}{means}: difference {_fmt_num(t.get('diff'))} 95% CI "
-                           f"[{_fmt_num(t.get('lo'))}, {_fmt_num(t.get('hi'))}]{extra} -> {t['verdict']}")
+                    means = f" (means {fmt_or_na(t['a_mean'])} vs {fmt_or_na(t['b_mean'])})"
+                out.append(f"- {t['comparison']}{means}: difference {fmt_or_na(t.get('diff'))} 95% CI "
+                           f"[{fmt_or_na(t.get('lo'))}, {fmt_or_na(t.get('hi'))}]{extra} -> {t['verdict']}")
         for path, effs in (c.get("footprint_effects") or {}).items():
-            parts = [f"{k} {_fmt_num(v.get('diff'))} [{_fmt_num(v.get('lo'))}, {_fmt_num(v.get('hi'))}]"
+            parts = [f"{k} {fmt_or_na(v.get('diff'))} [{fmt_or_na(v.get('lo'))}, {fmt_or_na(v.get('hi'))}]"
                      for k, v in effs.items()]
             out.append(f"- {path}: " + "; ".join(parts))
         for k, v in (c.get("score_shifts") or {}).items():
-            out.append(f"- {k} score shift: {_fmt_num(v.get('diff'))} [{_fmt_num(v.get('lo'))}, {_fmt_num(v.get('hi'))}]")
+            out.append(f"- {k} score shift: {fmt_or_na(v.get('diff'))} [{fmt_or_na(v.get('lo'))}, {fmt_or_na(v.get('hi'))}]")
         out.append("")
     return "\n".join(out)
 
 
 def regime_md(v: Mapping[str, Any] | None) -> str:
+    """Markdown of the regime-score validation (results["regime_score"])."""
     if not v:
         return "(regime score not computed)"
     if v.get("note") and "arms" not in v:
@@ -320,13 +301,14 @@ def regime_md(v: Mapping[str, Any] | None) -> str:
                      f"when it decides {pct(ho.get('accuracy_when_decided'))}.")
     mono = v.get("mixture_monotonicity")
     if mono:
-        lines.append(f"Held-out mixture arms: Spearman(coverage fraction, score) = {_fmt_num(mono.get('spearman'))} "
+        lines.append(f"Held-out mixture arms: Spearman(coverage fraction, score) = {fmt_or_na(mono.get('spearman'))} "
                      f"over {len(mono.get('alpha', []))} fine-tunes.")
-    lines += ["", "| arm | in sample | mean score | calls per seed |", "|---|---|---|---|"]
+    body = []
     for arm, e in v.get("arms", {}).items():
-        calls = ", ".join(s["call"] for s in e.get("per_seed", []))
         m = e.get("mean")
-        lines.append(f"| {arm} | {'yes' if e.get('in_sample') else 'no'} | {'n/a' if m is None else f'{m:.3f}'} | {calls} |")
+        body.append([arm, "yes" if e.get("in_sample") else "no", "n/a" if m is None else f"{m:.3f}",
+                     ", ".join(s["call"] for s in e.get("per_seed", []))])
+    lines += [""] + table(["arm", "in sample", "mean score", "calls per seed"], body)
     return "\n".join(lines)
 
 
@@ -365,8 +347,8 @@ def write_study_report(out_dir: Path, *, title: str, results: Mapping[str, Any],
         md += [results["description"], ""]
     md += ["## Results (mean and 95% t-interval over seeds)", "", results_table(arms), ""]
     if base_eval:
-        md += [f"Base model before fine-tuning: narrow {_fmt_num(_get(base_eval, 'narrow.score'))}, "
-               f"broad {_fmt_num(_get(base_eval, 'broad.score'))}.", ""]
+        md += [f"Base model before fine-tuning: narrow {fmt_or_na(lookup(base_eval, 'narrow.score'))}, "
+               f"broad {fmt_or_na(lookup(base_eval, 'broad.score'))}.", ""]
     text = (results.get("settings") or {}).get("general_text") or {}
     if text.get("used"):
         md += [f"General text used: {text['used']} (requested: {text.get('requested')}).", ""]
@@ -382,9 +364,7 @@ def write_study_report(out_dir: Path, *, title: str, results: Mapping[str, Any],
         if "regime_score.png" in figs:
             md += ["![regime score](regime_score.png)", ""]
     if arm_notes:
-        md += ["## Arms", "", "| arm | what changes |", "|---|---|"]
-        md += [f"| {a} | {n} |" for a, n in arm_notes.items()]
-        md += [""]
+        md += ["## Arms", ""] + table(["arm", "what changes"], [[a, n] for a, n in arm_notes.items()]) + [""]
     if extra_md:
         md += [extra_md, ""]
     md += ["## Files", "", "Each arm and seed has a folder `arms/ARM/seedS/` with its training run (`run/`), the diagnose "
