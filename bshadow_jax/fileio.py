@@ -24,6 +24,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("BSHADOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax"))
 
 
+def enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache under the cache root, for the commands (`train`, `diagnose`,
+    `spectrum`): a resumed or repeated run on the same shapes skips recompiling. A cache directory
+    someone already configured is kept."""
+    import jax  # only the commands that compile call this; fileio itself stays light
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def safe_join(root: str | os.PathLike, *parts: str) -> Path:
     """Join user- or file-controlled names under `root`, refusing anything that escapes it."""
     shown = "/".join(str(p) for p in parts)

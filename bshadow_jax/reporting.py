@@ -184,3 +184,12 @@ def layer_module_grid(rows: Sequence[Mapping], values: Sequence[float], *, reduc
         return f"{k[0]}:{base}" if prefix else base
 
     return [label(k) for k in ordered_rows], ordered_mods, grid
+
+
+def docs_ref(page: str, anchor: str = "") -> str:
+    """A pointer from a report to the project's documentation, e.g. `docs/metrics.md#footprint`.
+
+    Reports are written into the user's folders, so the reference names the page in the
+    bshadow_jax repository rather than a relative link; tests check every page and anchor exists.
+    """
+    return f"`docs/{page}{'#' + anchor if anchor else ''}` (bshadow_jax documentation)"

@@ -1,4 +1,4 @@
-"""Tensor-name parsing (DESIGN.md "Name parsing") and the --rename / --include / --exclude helpers.
+"""Tensor-name parsing (docs/cli.md#name-parsing) and the --rename / --include / --exclude helpers.
 
 Name parsing is two small tables that users can extend:
   COMPONENT_RULES: (regex, component); the first that `re.search`es the name wins, else

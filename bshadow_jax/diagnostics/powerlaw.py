@@ -165,7 +165,7 @@ def _norms(evals: np.ndarray, alpha: float) -> dict[str, float]:
             "log_spectral_norm": log_spectral,
             "alpha_weighted": alpha * log_spectral,
             "log_alpha_norm": float(np.log10(np.sum(evals ** alpha))),
-            # DESIGN.md: 0 for a zero matrix (WW would give NaN)
+            # docs/metrics.md: 0 for a zero matrix (WW would give NaN)
             "stable_rank": norm / spectral if spectral > 0 else 0.0,
         }
 

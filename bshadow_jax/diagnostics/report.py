@@ -1,4 +1,4 @@
-"""report.md and PNG figures for `bshadow diagnose` and `bshadow spectrum` (DESIGN.md).
+"""report.md and PNG figures for `bshadow diagnose` and `bshadow spectrum` (docs/outputs.md#diagnose-output).
 
 Figures use matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so
 writing a report never touches a user's interactive session. Every figure and report.md is
@@ -17,7 +17,7 @@ import numpy as np
 
 from bshadow_jax.diagnostics.footprint import footprint_stats
 from bshadow_jax.fileio import atomic_write_text
-from bshadow_jax.reporting import (cell, fmt, layer_module_grid, module_key, new_figure, num, save_figure,
+from bshadow_jax.reporting import (cell, docs_ref, fmt, layer_module_grid, module_key, new_figure, num, save_figure,
                                    table)
 
 TOP_SPECTRA = 8
@@ -278,10 +278,12 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
     L: list[str] = [f"# {title}", ""]
     n = len(rows)
     if kind == "diagnose":
-        L.append("ΔW = W_tuned − W_base per matrix; metric definitions as in DESIGN.md.")
+        L.append(f"ΔW = W_tuned − W_base per matrix. Metric definitions: {docs_ref('metrics.md', 'delta-metrics')}; "
+                 f"files and columns: {docs_ref('outputs.md', 'diagnose-output')}.")
     else:
         L.append("Spectra of the weights themselves; alpha, log_norm, log_spectral_norm and alpha_weighted "
-                 "as WeightWatcher 0.7.x computes them.")
+                 f"as WeightWatcher 0.7.x computes them. Definitions: {docs_ref('metrics.md', 'power-law-metrics')}; "
+                 f"files and columns: {docs_ref('outputs.md', 'spectrum-output')}.")
     L += ["", "## Summary", ""]
     facts = [("matrices analysed", str(n)), ("tensors skipped", str(len(skipped))),
              ("footprint entropy", fmt(fp.get("entropy"))), ("footprint gini", fmt(fp.get("gini"))),

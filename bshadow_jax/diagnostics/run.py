@@ -19,6 +19,8 @@ from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
 from bshadow_jax.diagnostics.report import write_report
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 from bshadow_jax.errors import UserError, refuse_pickle
+from bshadow_jax.formats.hub import looks_like_hub_id
+from bshadow_jax.formats.sources import DictSource
 
 ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
 DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
@@ -165,7 +167,7 @@ def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, r
     Returns:
         DiagnoseResult (rows, summary, spectra).
     """
-    return _diagnose_sources(readers.DictSource(base_params, "<base>"), readers.DictSource(tuned_params, "<tuned>"),
+    return _diagnose_sources(DictSource(base_params, "<base>"), DictSource(tuned_params, "<tuned>"),
                              topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
                              method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
 
@@ -248,15 +250,16 @@ def spectrum(params_or_path: Any, **kw) -> SpectrumResult:
 # outputs
 # ------------------------------------------------------------------------------------------
 
-def _finite_or_none(obj):
+def finite_or_none(obj):
+    """`obj` with every non-finite float (NaN, inf) as None, recursively: what JSON can hold."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, (np.floating,)):
-        return _finite_or_none(float(obj))
+        return finite_or_none(float(obj))
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
@@ -284,7 +287,7 @@ def write_outputs(result, out_dir) -> Path:
     out = fileio.check_output_dir(out_dir)
     with fileio.atomic_output_dir(out) as tmp:
         fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"]))
-        fileio.atomic_write_json(tmp / "summary.json", _finite_or_none(result.summary))
+        fileio.atomic_write_json(tmp / "summary.json", finite_or_none(result.summary))
         write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
     return Path(out)
 
@@ -298,22 +301,11 @@ write_spectrum_outputs = write_outputs
 # ------------------------------------------------------------------------------------------
 
 def _check_inputs(*paths) -> None:
+    """Fail on a pickle or a missing path before anything compiles (hub ids are resolved when opened)."""
     for p in paths:
         refuse_pickle(p)
-        if not os.path.exists(p):
+        if not os.path.exists(p) and not looks_like_hub_id(p):
             raise UserError(f"{p}: no such file or folder")
-
-
-def _enable_compile_cache() -> None:
-    # one compile per stack shape; the persistent cache saves it across runs on the same shapes
-    try:
-        import jax
-
-        cache = os.environ.get("BSHADOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bshadow_jax"))
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax_compile"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except Exception:  # pragma: no cover - a cache is an optimisation only
-        pass
 
 
 def diagnose_cli(args) -> int:
@@ -321,7 +313,7 @@ def diagnose_cli(args) -> int:
     _check_inputs(args.base, args.tuned)
     if args.batch_budget_mb <= 0:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
-    _enable_compile_cache()
+    fileio.enable_compilation_cache()
     res = diagnose_checkpoints(args.base, args.tuned, topk=args.topk, rename=args.rename, include=args.include,
                                exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None)
     write_outputs(res, args.out)
@@ -336,7 +328,7 @@ def spectrum_cli(args) -> int:
     _check_inputs(args.ckpt)
     if args.batch_budget_mb <= 0:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
-    _enable_compile_cache()
+    fileio.enable_compilation_cache()
     res = spectrum(args.ckpt, topk=args.topk, include=args.include, exclude=args.exclude,
                    budget_mb=args.batch_budget_mb, progress=None)
     write_outputs(res, args.out)

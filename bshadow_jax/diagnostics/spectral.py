@@ -1,4 +1,4 @@
-"""Pure metrics of a singular-value vector (DESIGN.md "Metric definitions").
+"""Pure metrics of a singular-value vector (docs/metrics.md#spectral-metrics).
 
 Every function takes the singular values of one m x n matrix (any order, length k = min(m, n))
 and is jittable and vmappable over leading axes. Zero matrices give 0 for every norm and every
@@ -45,7 +45,7 @@ def _energy_rank(cum_K, total, frac):
 
 
 def spectral_metrics(sv, *, topk: int = 8, shape=None) -> dict:
-    """Every DESIGN metric of one singular-value vector, as a dict of scalars.
+    """Every documented metric (docs/metrics.md) of one singular-value vector, as a dict of scalars.
 
     `sv` is the singular values (length k = min(m, n)) of one matrix; `shape` (m, n), when
     given, fixes k for the spectral-entropy normaliser ln k (otherwise k = len(sv)).

@@ -17,30 +17,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bshadow_jax.fileio import atomic_write_text
-# subplots and save_figure are this module's figure API, for studies/cross_family.py too
-from bshadow_jax.reporting import fmt_or_na, layer_module_grid, save_figure, subplots, table
+from bshadow_jax.reporting import docs_ref, fmt_or_na, layer_module_grid, save_figure, subplots, table
 
 __all__ = ["category_table", "claims_md", "fig_effective_rank", "fig_footprint_curves", "fig_heatmaps",
            "fig_narrow_broad", "fig_regime_score", "fig_training_curves", "fmt_ci", "lookup", "regime_md",
-           "results_table", "save_figure", "subplots", "write_study_report"]
-
-
-def _plt():
-    """pyplot on the Agg backend. Transitional: studies/cross_family.py (split in parallel) still
-    draws with it; it goes once that module uses subplots() and save_figure()."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    """save_figure() and close the pyplot figure. Transitional, as _plt()."""
-    name = save_figure(fig, path)
-    _plt().close(fig)
-    return name
+           "results_table", "write_study_report"]
 
 
 def _m(ci: Any) -> float:
@@ -345,7 +326,10 @@ def write_study_report(out_dir: Path, *, title: str, results: Mapping[str, Any],
     md = [f"# {title}", ""]
     if results.get("description"):
         md += [results["description"], ""]
-    md += ["## Results (mean and 95% t-interval over seeds)", "", results_table(arms), ""]
+    md += ["## Results (mean and 95% t-interval over seeds)", "", results_table(arms), "",
+           f"Metric definitions: {docs_ref('metrics.md', 'footprint')} (footprint) and "
+           f"{docs_ref('metrics.md', 'study-statistics')} (intervals, claims); files: {docs_ref('outputs.md', 'experiment-output')}.",
+           ""]
     if base_eval:
         md += [f"Base model before fine-tuning: narrow {fmt_or_na(lookup(base_eval, 'narrow.score'))}, "
                f"broad {fmt_or_na(lookup(base_eval, 'broad.score'))}.", ""]

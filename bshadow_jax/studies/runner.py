@@ -87,7 +87,7 @@ def write_diagnose(result, out_dir: Path, *, figures: bool = True) -> None:
         return
     with atomic_output_dir(out_dir) as tmp:
         atomic_write_text(tmp / "metrics.csv", drun.rows_to_csv(result.rows, result.summary["columns"]))
-        atomic_write_json(tmp / "summary.json", drun._finite_or_none(result.summary))
+        atomic_write_json(tmp / "summary.json", drun.finite_or_none(result.summary))
         fp = result.summary.get("footprint", {})
         atomic_write_text(tmp / "report.md", (
             f"# Diagnose: fine-tune vs base\n\n{result.summary.get('matrices')} matrices; footprint entropy "

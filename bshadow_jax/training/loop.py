@@ -29,7 +29,7 @@ from bshadow_jax.config import dump_yaml, read_yaml, to_dict
 from bshadow_jax.errors import UserError
 from bshadow_jax.data.pipeline import BATCH_KEYS, make_train_dataset
 from bshadow_jax.data.tokenizer import get_tokenizer
-from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, cache_root, check_output_dir
+from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, check_output_dir, enable_compilation_cache
 from bshadow_jax.formats.orbax import CONFIG_NAME, TOKENIZER_DIRNAME
 from bshadow_jax.models.llama import param_shapes
 from bshadow_jax.training import mesh as mesh_lib
@@ -299,13 +299,6 @@ def train(
         ckpt.close()
     params = jax.device_get(state.params)
     return TrainResult(params=params, metrics=logger.rows, out_dir=run_dir, model_config=model_cfg, step=int(state.step))
-
-
-def enable_compilation_cache() -> None:
-    """Persistent XLA cache for the CLI: a resumed or repeated run skips recompiling."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def train_from_cli(config_path: str, out_dir: str, overrides: list[str], *,

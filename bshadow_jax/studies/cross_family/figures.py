@@ -1,40 +1,20 @@
 """The cross-family study's three figures (footprint bars, energy by component/module, footprint curves).
 
-Each takes the pair records and a PNG path, writes the PNG atomically and returns its file name.
-The matplotlib setup and the atomic save are local for now (what studies/report.py does privately);
-they give way to the shared reporting helper once it exists.
+Each takes the pair records and a PNG path, writes the PNG atomically (`reporting.save_figure`)
+and returns its file name.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from bshadow_jax.fileio import atomic_write_bytes
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path.name
+from bshadow_jax.reporting import save_figure, subplots
 
 
 def bars_figure(records: list[dict], path: Path) -> str:
-    plt = _pyplot()
     names = [r["name"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = subplots(1, 3, figsize=(14, 4))
     for ax, key, label in zip(axes, ("entropy", "gini", "delta_effective_rank"),
                               ("footprint entropy", "gini of energy shares", "mean delta effective rank")):
         ax.bar(range(len(names)), [r["footprint"].get(key, np.nan) for r in records],
@@ -42,17 +22,16 @@ def bars_figure(records: list[dict], path: Path) -> str:
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
         ax.set_title(label)
         ax.grid(alpha=0.3, axis="y")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def components_figure(records: list[dict], path: Path, key: str, title: str) -> str:
-    plt = _pyplot()
     groups: list[str] = []
     for r in records:
         for g in r[key]:
             if g not in groups:
                 groups.append(g)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(records) + 3), 4))
+    fig, ax = subplots(figsize=(max(6, 0.8 * len(records) + 3), 4))
     bottom = np.zeros(len(records))
     for i, g in enumerate(groups):
         vals = np.array([r[key].get(g, 0.0) for r in records])
@@ -62,12 +41,11 @@ def components_figure(records: list[dict], path: Path, key: str, title: str) -> 
     ax.set_ylabel("share of update energy")
     ax.set_title(title)
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def curves_figure(records: list[dict], path: Path) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = subplots(figsize=(6.5, 4.5))
     for i, r in enumerate(records):
         s = np.asarray(r["sorted_shares"], np.float64)
         if s.size and s.sum() > 0:
@@ -78,4 +56,4 @@ def curves_figure(records: list[dict], path: Path) -> str:
     ax.set_title("footprint curves")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
