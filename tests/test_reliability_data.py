@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import importlib
-import contextlib
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest

@@ -9,8 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 

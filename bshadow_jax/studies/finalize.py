@@ -1,7 +1,6 @@
 """From per-seed records to results.json (docs/outputs.md, "Experiment output") and the report."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

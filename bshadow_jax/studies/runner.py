@@ -32,7 +32,7 @@ from bshadow_jax.models import load_pretrained
 from bshadow_jax.studies import finalize as fin
 from bshadow_jax.training.config import TrainConfig
 from bshadow_jax.training.loop import train
-from bshadow_jax.studies.aggregate import aggregate_arm, seed_footprint
+from bshadow_jax.studies.aggregate import seed_footprint
 from bshadow_jax.studies.spec import ArmSpec, StudyConfig
 
 RECORD = "record.json"
