@@ -5,14 +5,15 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-
-from bshadow_jax.formats.pytree import flatten as flatten_tree
 import pytest
 
 from bshadow_jax import diagnostics
 from bshadow_jax.cli import main
+from bshadow_jax.diagnostics import plan as readers_plan
 from bshadow_jax.diagnostics import registry, run
 from bshadow_jax.errors import UserError
+from bshadow_jax.formats.pytree import flatten as flatten_tree
+from bshadow_jax.formats.sources import DictSource
 
 D, F, V, L = 8, 16, 20, 2
 
@@ -241,22 +242,20 @@ def test_streamed_checkpoint_above_exact_size_takes_host_partial_path_and_matche
 
 def test_chunk_reads_are_batched_by_bytes_and_match_single_reads(monkeypatch):
     """Sources with read_many get 2-D tensors in batches of at most READ_BATCH_BYTES; stacks equal read()."""
-    from bshadow_jax.diagnostics import readers
-
     rng = np.random.default_rng(5)
     flat = {f"w{i}": rng.standard_normal((16, 8)).astype(np.float32) for i in range(7)}
     flat["experts"] = rng.standard_normal((3, 16, 8)).astype(np.float32)
     calls = []
 
-    class Batched(readers.DictSource):
+    class Batched(DictSource):
         def read_many(self, names):
             calls.append(list(names))
             return [self.read(n) for n in names]
 
-    monkeypatch.setattr(readers, "READ_BATCH_BYTES", 3 * 16 * 8 * 4)  # three matrices a call
-    chunk = [readers.Item(n, n, n, None, (16, 8)) for n in sorted(k for k in flat if k != "experts")]
-    chunk[3:3] = [readers.Item(f"experts[{e}]", "experts", "experts", e, (16, 8)) for e in range(3)]
-    (got,), finite = readers.load_chunk(chunk, Batched(flat))
+    monkeypatch.setattr(readers_plan, "READ_BATCH_BYTES", 3 * 16 * 8 * 4)  # three matrices a call
+    chunk = [readers_plan.Item(n, n, n, None, (16, 8)) for n in sorted(k for k in flat if k != "experts")]
+    chunk[3:3] = [readers_plan.Item(f"experts[{e}]", "experts", "experts", e, (16, 8)) for e in range(3)]
+    (got,), finite = readers_plan.load_chunk(chunk, Batched(flat))
     want = np.stack([flat[it.base_name] if it.index is None else flat["experts"][it.index] for it in chunk])
     np.testing.assert_array_equal(got, want)
     assert finite.all()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bshadow_jax import fileio
-from bshadow_jax.diagnostics import footprint, readers, registry, stacks
+from bshadow_jax.diagnostics import footprint, plan, registry, stacks
 from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
 from bshadow_jax.diagnostics.report import write_report
@@ -51,7 +51,7 @@ def _plan_chunks(items, mesh, budget_mb, *, copies: int):
     """
     mesh = meshlib.default_mesh(mesh)
     nd = meshlib.mesh_size(mesh)
-    chunks = readers.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
+    chunks = plan.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
     first_len: dict[tuple, int] = {}
     for c in chunks:
         first_len.setdefault(tuple(c[0].shape), len(c))
@@ -65,7 +65,7 @@ def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra
         if not finite[i]:
             skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
             continue
-        row = readers.row_labels(it)
+        row = plan.row_labels(it)
         for c in metric_cols:
             if c in res.columns:
                 row[c] = _num(res.columns[c][i], c)
@@ -97,7 +97,7 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
                       method="auto", budget_mb=512.0, progress=None, eig_backend="auto") -> DiagnoseResult:
     if int(topk) < 1:
         raise UserError(f"--topk {topk}: must be at least 1")
-    items, skipped = readers.plan_pairs(base_src, tuned_src, rename=rename, include=include, exclude=exclude)
+    items, skipped = plan.plan_pairs(base_src, tuned_src, rename=rename, include=include, exclude=exclude)
     bpath, tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
     if not items:
         filt = " (after --include/--exclude)" if include or exclude else ""
@@ -108,9 +108,9 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     rows, spectra = [], {}
     redo_sv = redo_intr = 0
     with _progress(len(items), progress, "diagnose") as bar:
-        for chunk, (b, t), finite in readers.iter_chunks(chunks, base_src, tuned_src,
+        for chunk, (b, t), finite in plan.iter_chunks(chunks, base_src, tuned_src,
                                                           prefetch_limit_bytes=budget_mb * 2**20):
-            pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
+            pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
             res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del b, t  # before the generator reads the next chunk
             redo_sv += int(np.sum(res.redo_sv))
@@ -176,13 +176,13 @@ def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
     """diagnose() streaming two checkpoints tensor by tensor.
 
     Args:
-        base_path, tuned_path: checkpoint files or folders (readers.open_source).
+        base_path, tuned_path: checkpoint files or folders (diagnostics.plan.open_source).
         **kw: diagnose()'s keyword arguments.
 
     Returns:
         DiagnoseResult.
     """
-    with readers.open_source(base_path) as b, readers.open_source(tuned_path) as t:
+    with plan.open_source(base_path) as b, plan.open_source(tuned_path) as t:
         return _diagnose_sources(b, t, **kw)
 
 
@@ -199,7 +199,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
                      progress=None, eig_backend="auto") -> SpectrumResult:
     if int(topk) < 1:
         raise UserError(f"--topk {topk}: must be at least 1")
-    items, skipped = readers.plan_single(src, include=include, exclude=exclude)
+    items, skipped = plan.plan_single(src, include=include, exclude=exclude)
     path = getattr(src, "path", "<memory>")
     if not items:
         raise UserError(f"{path}: no matrix to analyse")
@@ -208,8 +208,8 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     metric_cols = list(SPECTRUM_COLS) + user_cols
     rows, spectra = [], {}
     with _progress(len(items), progress, "spectrum") as bar:
-        for chunk, (w,), finite in readers.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
-            pad = readers.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
+        for chunk, (w,), finite in plan.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
+            pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
             res = stacks.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
             del w  # before the generator reads the next chunk
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
@@ -236,13 +236,13 @@ def spectrum(params_or_path: Any, **kw) -> SpectrumResult:
     """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint.
 
     Args:
-        params_or_path: a parameter pytree, or a checkpoint path (readers.open_source).
+        params_or_path: a parameter pytree, or a checkpoint path (diagnostics.plan.open_source).
         **kw: topk, mesh, include, exclude, method, budget_mb, progress, eig_backend as in diagnose().
 
     Returns:
         SpectrumResult (rows, summary, spectra).
     """
-    with readers.open_source(params_or_path) as src:
+    with plan.open_source(params_or_path) as src:
         return _spectrum_source(src, **kw)
 
 

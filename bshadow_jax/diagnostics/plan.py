@@ -1,8 +1,10 @@
-"""Tensor sources for the diagnostics and the plan that streams them as same-shape stacks.
+"""Which matrices a diagnosis analyses, in which same-shape stacks, and the chunked stream that reads them.
 
-Checkpoint files are read through `formats.open_checkpoint` (safetensors single/sharded, GGUF,
-orbax): tensor by tensor, never a whole checkpoint. In-memory pytrees (nested dicts or flat
-name -> array dicts) go through `formats.DictSource` with the same interface.
+Sources come from `formats` (`open_checkpoint` for files and hub ids, `DictSource` for in-memory
+pytrees): tensor by tensor, never a whole checkpoint. A plan pairs base and tuned names (after
+`--rename`), filters them (`--include`/`--exclude`), says why each left-out tensor was skipped, and
+cuts the matrices into chunks under the memory budget; `iter_chunks` reads the next chunk while
+the current one is computed.
 """
 from __future__ import annotations
 
