@@ -8,12 +8,14 @@ import optax
 import pytest
 from testkit import tiny_model_config
 
+from bshadow_jax.data.synthetic import synthetic_batch
 from bshadow_jax.models.llama import LlamaConfig, forward, init_params
-from bshadow_jax.training.config import OptimSection
+from bshadow_jax.training.compiled import compile_train_step
+from bshadow_jax.training.config import MeshSection, OptimSection
+from bshadow_jax.training.mesh import make_mesh
 from bshadow_jax.training.optim import decay_mask, make_optimizer, make_schedule
 from bshadow_jax.training.state import init_state
 from bshadow_jax.training.step import eval_step, loss_sums, make_train_step
-from bshadow_jax.data.synthetic import synthetic_batch
 
 CFG = LlamaConfig(**tiny_model_config(vocab_size=61))
 B, T = 8, 16
@@ -87,6 +89,22 @@ def test_grad_accumulation_equals_full_batch(params, uneven_batch, full_step):
     for x, y in zip(jax.tree.leaves(full_step[0].params), jax.tree.leaves(accum[0].params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
     assert int(full_step[0].step) == int(accum[0].step) == 1
+
+
+def test_compiled_step_is_the_pure_step_sharded_and_cached(params, uneven_batch, full_step):
+    """compile_train_step (what `bshadow train`, the studies and the benchmarks run) computes the pure step."""
+    mesh = make_mesh(MeshSection(), batch_size=B)
+    prog = compile_train_step(CFG, SGD, steps=10, mesh=mesh)
+    assert compile_train_step(CFG, SGD, steps=10, mesh=mesh) is prog  # one compile per settings
+    state = prog.init_from_params(params, 0)
+    assert jax.tree.structure(state) == jax.tree.structure(prog.abstract)
+    state, metrics = prog.step_fn(state, uneven_batch)
+    for k in ("loss", "grad_norm", "tokens", "lr"):
+        np.testing.assert_allclose(float(metrics[k]), float(full_step[1][k]), rtol=1e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(full_step[0].params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    for leaf, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(prog.shardings.params)):
+        assert leaf.sharding == sharding
 
 
 def test_bf16_compute_keeps_float32_master_weights(params, uneven_batch, full_step):
