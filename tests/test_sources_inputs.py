@@ -207,3 +207,60 @@ def test_run_folder_and_step_folder(tmp_path, monkeypatch, write_orbax_run):
     empty.mkdir()
     with pytest.raises(UserError, match="not_a_run"):
         open_checkpoint(empty)
+
+
+def test_a_run_folder_is_read_without_its_training_recipe(tmp_path, write_orbax_run, capsys):
+    """Reading weights needs only the model section: a data or optimizer section that today's
+    validation would refuse (a rule added after the run was made) does not lock the run out."""
+    import jax
+    import yaml
+
+    from bshadow_jax.cli import main
+    from bshadow_jax.models import LlamaConfig, init_params, load_pretrained
+
+    model = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(**model)
+    runs = {}
+    for name, seed in (("base", 0), ("tuned", 1)):
+        runs[name] = write_orbax_run(tmp_path / name, model, {5: init_params(cfg, jax.random.key(seed))})
+        (runs[name] / "config.yaml").write_text(yaml.safe_dump(
+            {"model": model, "data": {"arm": "a_future_arm", "sources": {"no_such_stream": 1.0}},
+             "optim": {"name": "not_an_optimizer"}}))
+    loaded_cfg, params = load_pretrained(runs["tuned"])
+    assert loaded_cfg == cfg and params["model"]["embed_tokens"]["weight"].shape == (32, 16)
+    out = tmp_path / "diag"
+    assert main(["diagnose", str(runs["base"]), str(runs["tuned"]), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "metrics.csv").is_file()
+
+
+def test_hub_ids_resolve_to_a_snapshot_of_safetensors_and_json_only(tmp_path, monkeypatch, capsys):
+    """`org/name` goes through huggingface_hub.snapshot_download (here answered from a local folder in the
+    same format) for every command; the snapshot asks for no pickle weights and no code."""
+    import huggingface_hub
+    import jax
+
+    from bshadow_jax.cli import main
+    from bshadow_jax.models import LlamaConfig, init_params, load_pretrained, save_pretrained
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    folders = {}
+    for name, seed in (("org/base", 0), ("org/tuned", 1)):
+        folders[name] = save_pretrained(cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.key(seed))),
+                                        tmp_path / name.replace("/", "_"))
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, tuple(allow_patterns or ())))
+        return str(folders[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # "org/base" must not exist as a local path
+    with open_checkpoint("org/base") as src:
+        assert src.kind == "hf" and "model.embed_tokens.weight" in src.names()
+    assert load_pretrained("org/tuned")[0] == cfg
+    assert main(["diagnose", "org/base", "org/tuned", "--out", str(tmp_path / "diag")]) == 0, capsys.readouterr().err
+    assert {r for r, _ in asked} == {"org/base", "org/tuned"}
+    patterns = {p for _, ps in asked for p in ps}
+    assert not any(p.endswith((".bin", ".pt", ".py", "*")) and p != "tokenizer*" for p in patterns), patterns
