@@ -55,7 +55,7 @@ from llama_pair import delta_scale, pair_plan  # beside this script; shared with
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32000, 1024, 16, 4, 64, 2816
 RANK, NOISE = 16, 1e-4
 SHARD_BYTES = 500 * 2**20
-ALL_TOOLS = ("ours", "scipy", "ww")
+ALL_TOOLS = ("ours", "scipy", "ww", "modeldelta")
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,6 +176,8 @@ def tool_cmd(tool: str, base: Path, tuned: Path, work: Path) -> tuple[list[str],
         exe = shutil.which("bshadow") or str(Path(sys.executable).with_name("bshadow"))
         return [exe, "diagnose", str(base), str(tuned), "--out", str(out)], out
     res = out.with_suffix(".json")
+    if tool == "modeldelta":  # its own command line, as a user runs it (local folders: no hub access)
+        return [sys.executable, "-m", "modeldelta", str(base), str(tuned), "-o", str(res), "-q"], res
     script = Path(__file__).with_name("diagnose_baselines.py")
     return [sys.executable, str(script), tool, str(base), str(tuned), str(res)], res
 
@@ -185,6 +187,13 @@ def load_results(tool: str, path: Path) -> dict:
         with open(path / "metrics.csv", newline="") as f:
             return {r["name"]: {"spectral_norm": float(r["delta_spectral_norm"]), "fro": float(r["delta_fro"]),
                                 "effective_rank": float(r["delta_effective_rank"])} for r in csv.DictReader(f)}
+    if tool == "modeldelta":
+        # modeldelta 0.4.4 reports every tensor of >= 1000 entries; for min(m, n) > 8192 its singular values
+        # (and so its effective rank) are the top-k of a randomized range finder, not the full spectrum
+        mods = json.loads(path.read_text())["modules"]
+        return {m["name"]: {"fro": m["frob_norm"], "cosine": m["cosine_sim"], "sparsity_1e-5": m["sparsity"],
+                            **({"spectral_norm": m["top_singular_values"][0], "effective_rank": m["effective_rank"]}
+                               if m.get("has_svd") else {})} for m in mods}
     return json.loads(path.read_text())
 
 
@@ -271,11 +280,11 @@ def measure(tools, base, tuned, work: Path, repeats: int) -> dict:
         a = agreement(outputs["scipy"], outputs["ww"], ("alpha",))
         agree["ww_alpha"] = {k: v for k, v in a.items() if k.startswith("max_rel")}
     if "scipy" in outputs:
-        for tool in ("ours", "ww"):
+        for tool in ("ours", "ww", "modeldelta"):
             if tool in outputs:
                 agree[tool] = agreement(outputs["scipy"], outputs[tool],
-                                        ("spectral_norm", "fro", "effective_rank") if tool == "ours"
-                                        else ("spectral_norm", "fro"))
+                                        ("spectral_norm", "fro") if tool == "ww"
+                                        else ("spectral_norm", "fro", "effective_rank"))
     if "ours" in outputs:
         agree["ours_vectors"] = vector_metric_check(base, tuned, work / "out_ours")
     return {"tools": summary, "agreement": agree}
@@ -285,7 +294,7 @@ def fmt_table(res: dict, ckpt: int) -> str:
     lines = [f"{'tool':14s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'peak GB':>8s} {'peak/ckpt':>9s} "
              f"{'ours is x faster':>16s}"]
     ours = res["tools"].get("ours", {}).get("median_s")
-    names = {"ours": "bshadow", "scipy": "scipy loop", "ww": "weightwatcher",
+    names = {"ours": "bshadow", "scipy": "scipy loop", "ww": "weightwatcher", "modeldelta": "modeldelta",
              "ww_alpha": "powerlaw.ww_metrics alpha (float32 SciPy σ) vs weightwatcher alpha",
              "ours_vectors": "bshadow base_overlap/intruder_count vs float64 numpy SVDs (strongest delta per shape)"}
     for tool, s in res["tools"].items():
@@ -308,7 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default="4,8,16,24", help="comma-separated depths for the sweep ('' to skip)")
     ap.add_argument("--sweep-tools", default="ours,scipy", help="tools timed in the sweep")
     ap.add_argument("--sweep-repeats", type=int, default=1)
-    ap.add_argument("--tools", default="ours,scipy,ww", help="subset of ours,scipy,ww")
+    ap.add_argument("--tools", default="ours,scipy,ww", help="subset of ours,scipy,ww,modeldelta")
     ap.add_argument("--workdir", help="where the pairs are generated (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the generated pairs")
     ap.add_argument("--json", help="write all numbers to this JSON file")
