@@ -4,7 +4,7 @@
     logits = forward(cfg, params, tokens)      # int32 [B, T] -> float32 [B, T, V]
     save_pretrained(cfg, params, out_dir)      # loadable by transformers' AutoModelForCausalLM
 """
-from bshadow_jax.models.hf import config_from_hf, config_to_hf_dict, save_pretrained
+from bshadow_jax.models.hf import checkpoint_tokenizer, config_from_hf, config_to_hf_dict, save_pretrained
 from bshadow_jax.models.llama import (
     LlamaConfig,
     flatten_params,
@@ -19,6 +19,7 @@ from bshadow_jax.models.loading import checkpoint_config, config_from_gguf, load
 __all__ = [
     "LlamaConfig",
     "checkpoint_config",
+    "checkpoint_tokenizer",
     "config_from_gguf",
     "config_from_hf",
     "config_to_hf_dict",

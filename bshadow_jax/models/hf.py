@@ -18,6 +18,7 @@ import numpy as np
 from bshadow_jax.errors import ConfigError, UserError
 from bshadow_jax.fileio import atomic_output_dir
 from bshadow_jax.formats.gguf import gguf_tokenizer
+from bshadow_jax.formats.hub import looks_like_hub_id, snapshot
 from bshadow_jax.formats.orbax import CKPT_DIRNAME, TOKENIZER_DIRNAME
 from bshadow_jax.formats.pytree import flatten
 from bshadow_jax.formats.safetensors import SAFETENSORS_FILE
@@ -185,7 +186,7 @@ def read_hf_config(config_path: Path, *, required: bool = True) -> LlamaConfig |
         raise UserError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from None
 
 
-# ----------------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------------- tokenizers
 
 def _tokenizer_dirs(source: str | os.PathLike) -> list[Path]:
     """Folders where a checkpoint's tokenizer files may sit: beside it, in tokenizer/, and for an
@@ -201,15 +202,47 @@ def _tokenizer_dirs(source: str | os.PathLike) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def checkpoint_tokenizer(source: str | os.PathLike):
+    """The tokenizer a checkpoint carries, as a transformers tokenizer (no remote code).
+
+    Args:
+        source: any checkpoint path `load_pretrained` reads, or a hub id: the tokenizer files
+            beside it or in its tokenizer/ folder (a run folder's), or a GGUF file's metadata.
+
+    Raises:
+        UserError: when the checkpoint carries no tokenizer, or it cannot be loaded.
+    """
+    name = os.fspath(source)
+    if not os.path.exists(name) and looks_like_hub_id(name):
+        source = snapshot(name)
+    p = Path(source)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return gguf_tokenizer(p)
+    for d in _tokenizer_dirs(p):
+        if _has_tokenizer(d):
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+            except Exception as e:  # transformers raises many kinds for damaged tokenizer files
+                raise UserError(f"{d}: tokenizer files cannot be loaded ({type(e).__name__}: {e})") from None
+    raise UserError(f"{p}: no tokenizer beside the checkpoint (tokenizer.json, tokenizer.model or vocab.json, "
+                    f"or a {TOKENIZER_DIRNAME}/ folder)")
+
+
 def _copy_tokenizer(source: str | os.PathLike, out: Path) -> bool:
     for d in _tokenizer_dirs(source):
         found = [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
-        if any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in found):
+        if _has_tokenizer(d):
             for f in found:
                 shutil.copy2(f, out / f.name)
             return True
     p = Path(source)
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and p.suffix.lower() == ".gguf":
         try:
             tok = gguf_tokenizer(p)
         except Exception as e:  # the weights still export; say why the tokenizer did not
@@ -219,6 +252,8 @@ def _copy_tokenizer(source: str | os.PathLike, out: Path) -> bool:
         return True
     return False
 
+
+# ----------------------------------------------------------------------------------- writing
 
 def _chmod_default(path: Path) -> None:
     umask = os.umask(0)
