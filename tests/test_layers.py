@@ -66,3 +66,12 @@ def test_type_checking_imports_do_not_run_and_do_not_count(tmp_path):
         "training/loop.py": "from bshadow_jax.models import llama\n",
     })
     assert check_layers.check(root) == []
+
+
+def test_help_imports_no_heavy_library():
+    """`bshadow --help` builds every subcommand's parser without importing jax, orbax or transformers:
+    each package's cli.py and the package roots stay light."""
+    code = ("import sys; from bshadow_jax.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('jax', 'orbax', 'transformers', 'torch', 'grain') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr

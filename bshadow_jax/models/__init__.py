@@ -3,32 +3,38 @@
     cfg, params = load_pretrained(path)       # HF folder/hub id, .safetensors, .gguf, run/orbax folder
     logits = forward(cfg, params, tokens)      # int32 [B, T] -> float32 [B, T, V]
     save_pretrained(cfg, params, out_dir)      # loadable by transformers' AutoModelForCausalLM
-"""
-from bshadow_jax.models.hf import checkpoint_tokenizer, config_from_hf, config_to_hf_dict, save_pretrained
-from bshadow_jax.models.llama import (
-    LlamaConfig,
-    flatten_params,
-    flops_per_token,
-    forward,
-    init_params,
-    param_shapes,
-    unflatten_params,
-)
-from bshadow_jax.models.loading import checkpoint_config, config_from_gguf, load_pretrained
 
-__all__ = [
-    "LlamaConfig",
-    "checkpoint_config",
-    "checkpoint_tokenizer",
-    "config_from_gguf",
-    "config_from_hf",
-    "config_to_hf_dict",
-    "flatten_params",
-    "flops_per_token",
-    "forward",
-    "init_params",
-    "load_pretrained",
-    "param_shapes",
-    "save_pretrained",
-    "unflatten_params",
-]
+Attributes load lazily, so that `bshadow --help` (which imports models/cli.py) does not import jax.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LlamaConfig": "bshadow_jax.models.llama",
+    "flatten_params": "bshadow_jax.models.llama",
+    "flops_per_token": "bshadow_jax.models.llama",
+    "forward": "bshadow_jax.models.llama",
+    "init_params": "bshadow_jax.models.llama",
+    "param_shapes": "bshadow_jax.models.llama",
+    "unflatten_params": "bshadow_jax.models.llama",
+    "checkpoint_tokenizer": "bshadow_jax.models.hf",
+    "config_from_hf": "bshadow_jax.models.hf",
+    "config_to_hf_dict": "bshadow_jax.models.hf",
+    "save_pretrained": "bshadow_jax.models.hf",
+    "checkpoint_config": "bshadow_jax.models.loading",
+    "config_from_gguf": "bshadow_jax.models.loading",
+    "load_pretrained": "bshadow_jax.models.loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bshadow_jax.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
