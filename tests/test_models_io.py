@@ -157,6 +157,9 @@ def test_export_with_tokenizer_and_reexport_via_cli(tmp_path):
     # re-export from the folder: the tokenizer files beside the source come along
     assert cli_main(["export", str(first), "--out", str(tmp_path / "second")]) == 0
     assert (tmp_path / "second" / "tokenizer.json").is_file()
+    # the special ids of the re-export's config.json are the tokenizer's, not transformers' defaults (bos 1, eos 2)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "second")
+    assert again.config.eos_token_id == 0 and again.generation_config.eos_token_id == 0
     _, params2 = models.load_pretrained(tmp_path / "second")
     np.testing.assert_array_equal(params2["model"]["embed_tokens"]["weight"],
                                   np.asarray(params["model"]["embed_tokens"]["weight"]))

@@ -255,6 +255,16 @@ def _copy_tokenizer(source: str | os.PathLike, out: Path) -> bool:
 
 # ----------------------------------------------------------------------------------- writing
 
+def _source_tokenizer(source):
+    """The tokenizer beside an export's source, or None (the weights still export without one)."""
+    if source is None:
+        return None
+    try:
+        return checkpoint_tokenizer(source)
+    except UserError:
+        return None
+
+
 def _chmod_default(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -284,11 +294,13 @@ def save_pretrained(
         if tuple(arr.shape) != tuple(shape):
             raise UserError(f"params: tensor {name} has shape {arr.shape}, expected {shape}")
         tensors[name] = arr
+    # config.json's special ids must be the tokenizer's: transformers' defaults (bos 1, eos 2) name other
+    # tokens of our vocabularies, and generate() would then never stop at end-of-text
+    ids_from = tokenizer if tokenizer is not None else _source_tokenizer(source)
     extra = {}
-    if tokenizer is not None:
+    if ids_from is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, key, None) is not None:
-                extra[key] = getattr(tokenizer, key)
+            extra[key] = getattr(ids_from, key, None)
     hf_config = _hf_config_object(cfg, extra)
     with atomic_output_dir(out_dir) as tmp:
         hf_config.save_pretrained(str(tmp))
