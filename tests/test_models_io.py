@@ -113,7 +113,7 @@ def test_export_roundtrip_through_transformers(tmp_path, case):
     params = sharp_params(cfg)
     out = tmp_path / "hf"
     models.save_pretrained(cfg, params, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     umask = os.umask(0)
     os.umask(umask)
@@ -157,9 +157,17 @@ def test_export_with_tokenizer_and_reexport_via_cli(tmp_path):
     # re-export from the folder: the tokenizer files beside the source come along
     assert cli_main(["export", str(first), "--out", str(tmp_path / "second")]) == 0
     assert (tmp_path / "second" / "tokenizer.json").is_file()
-    # the special ids of the re-export's config.json are the tokenizer's, not transformers' defaults (bos 1, eos 2)
+    # the special ids of the re-export's configs are the tokenizer's, not transformers' defaults (bos 1, eos 2)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "second")
     assert again.config.eos_token_id == 0 and again.generation_config.eos_token_id == 0
+    # and greedy generate() stops at end of text: with the final norm zeroed every logit is 0, so the
+    # argmax is token 0, the tokenizer's end token (w0)
+    muted = dict(params, model=dict(params["model"], norm={"weight": np.zeros(cfg.hidden_size, np.float32)}))
+    models.save_pretrained(cfg, muted, tmp_path / "muted", tokenizer=tok)
+    assert cli_main(["export", str(tmp_path / "muted"), "--out", str(tmp_path / "muted_again")]) == 0
+    gen = AutoModelForCausalLM.from_pretrained(tmp_path / "muted_again").generate(
+        importlib.import_module("torch").tensor([[3, 5]]), max_new_tokens=8, do_sample=False)
+    assert gen.tolist() == [[3, 5, 0]]
     _, params2 = models.load_pretrained(tmp_path / "second")
     np.testing.assert_array_equal(params2["model"]["embed_tokens"]["weight"],
                                   np.asarray(params["model"]["embed_tokens"]["weight"]))

@@ -279,7 +279,15 @@ def save_pretrained(
     tokenizer=None,
     source: str | os.PathLike | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) as one atomically renamed folder."""
+    """Write config.json, generation_config.json, model.safetensors (+ tokenizer) as one atomically renamed folder.
+
+    Args:
+        cfg, params: the model.
+        out_dir: the folder to write (replaced as a whole on success).
+        tokenizer: a transformers tokenizer to save beside the weights; its special ids go into the configs.
+        source: without `tokenizer`, the checkpoint exported from: its tokenizer files are copied and
+            its tokenizer's special ids go into the configs.
+    """
     from safetensors.numpy import save_file
 
     cfg.validate()
@@ -302,8 +310,12 @@ def save_pretrained(
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             extra[key] = getattr(ids_from, key, None)
     hf_config = _hf_config_object(cfg, extra)
+    from transformers import GenerationConfig
+
     with atomic_output_dir(out_dir) as tmp:
         hf_config.save_pretrained(str(tmp))
+        # generate() reads its stop token from here first: the same tokenizer ids as config.json
+        GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
         # "format": "pt" is what transformers checks before loading a safetensors file
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         _chmod_default(tmp / SAFETENSORS_FILE)  # safetensors writes 0600; give it the usual umask mode
