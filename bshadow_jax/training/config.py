@@ -94,7 +94,13 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: dict[str, Any]
+    # The model's LlamaConfig fields. With `init`, leave it out: the checkpoint's config is used (a
+    # model section that is given must then equal it).
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Start from this checkpoint instead of a random init: any kind `models.load_pretrained` reads
+    # (HF folder or hub id, .safetensors, .gguf, a bshadow run folder, an orbax checkpoint). Its tokenizer
+    # is the run's unless data.tokenizer names another. `bshadow train CFG --out DIR init=PATH`.
+    init: str = ""
     seed: int = 0
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -102,6 +108,11 @@ class TrainConfig:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
 
     def validate(self) -> None:
+        if not self.model:
+            if self.init:
+                return  # the checkpoint gives the model; train() checks the rest once it is read
+            raise ConfigError("model: required, unless `init` names a checkpoint to start from "
+                              "(e.g. init=path/to/checkpoint)")
         vocab = self.model.get("vocab_size", 0)
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 0:
             raise ConfigError(f"model.vocab_size: expected an integer >= 0 (0 = from the tokenizer), got {vocab!r}")

@@ -25,13 +25,16 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from bshadow_jax.config import dump_yaml, read_yaml, to_dict
+from bshadow_jax.config import dump_yaml, from_dict, read_yaml, to_dict
 from bshadow_jax.errors import UserError
 from bshadow_jax.data.pipeline import BATCH_KEYS, make_train_dataset
 from bshadow_jax.data.tokenizer import get_tokenizer
 from bshadow_jax.fileio import atomic_output_dir, atomic_write_text, check_output_dir, enable_compilation_cache
-from bshadow_jax.formats.orbax import CONFIG_NAME, TOKENIZER_DIRNAME
-from bshadow_jax.models.llama import param_shapes
+from bshadow_jax.formats.orbax import CONFIG_NAME, TOKENIZER_DIRNAME, resolve_step_dir
+from bshadow_jax.formats.sources import open_checkpoint
+from bshadow_jax.models.hf import checkpoint_tokenizer
+from bshadow_jax.models.llama import LlamaConfig, param_shapes
+from bshadow_jax.models.loading import checkpoint_config, load_pretrained
 from bshadow_jax.training import mesh as mesh_lib
 from bshadow_jax.training.checkpoint import RunCheckpointer
 from bshadow_jax.training.compiled import compile_train_step
@@ -94,6 +97,36 @@ def _check_same_model(run_dir: Path, resolved: dict) -> None:
         )
 
 
+def _start_from_checkpoint(cfg: TrainConfig, run_dir: Path, tokenizer) -> tuple[TrainConfig, dict | None, Any]:
+    """`init: CKPT`: (cfg with the checkpoint's model section, its params or None when the run resumes, the
+    tokenizer: data.tokenizer's if set, else the checkpoint's). A run that already has a checkpoint
+    resumes from its own folder (model section and tokenizer included): the init checkpoint is not read."""
+    try:
+        resolve_step_dir(run_dir)
+        source, resuming = run_dir, True
+    except UserError:
+        source, resuming = cfg.init, False
+    with open_checkpoint(source) as src:
+        model_cfg = checkpoint_config(src)
+    if cfg.model:
+        given = dict(cfg.model)
+        given["vocab_size"] = given.get("vocab_size") or model_cfg.vocab_size
+        given_cfg = from_dict(LlamaConfig, given, "model")
+        if given_cfg != model_cfg:
+            key = next(f.name for f in dataclasses.fields(LlamaConfig)
+                       if getattr(given_cfg, f.name) != getattr(model_cfg, f.name))
+            raise UserError(f"model.{key}: {getattr(given_cfg, key)!r}, but the init checkpoint {cfg.init} has "
+                            f"{getattr(model_cfg, key)!r}; leave the model section out to train the checkpoint's model")
+    cfg = dataclasses.replace(cfg, model=to_dict(model_cfg))
+    cfg.validate()  # train.seq_len against the checkpoint's context length
+    if tokenizer is None:
+        tokenizer = get_tokenizer(cfg.data) if cfg.data.tokenizer else checkpoint_tokenizer(source)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise UserError(f"{cfg.init}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+                        f"{model_cfg.vocab_size}")
+    return cfg, None if resuming else load_pretrained(cfg.init)[1], tokenizer
+
+
 def _default_dataset(cfg: TrainConfig, tokenizer, local_batch: int):
     return make_train_dataset(
         cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch, seed=cfg.seed,
@@ -123,7 +156,11 @@ def _summary_writer_cls():
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard + tqdm, on the main process only."""
+    """metrics.jsonl + TensorBoard + progress, on the main process only.
+
+    Progress: a tqdm bar on a terminal; when stderr is not a terminal (a log file, a batch job) and the
+    caller asked for the default (progress=None), one plain line per logged step (every train.log_every).
+    """
 
     def __init__(self, run_dir: Path, start: int, total: int, progress):
         self.rows = _read_metrics(run_dir / METRICS_NAME, upto=start)
@@ -131,6 +168,8 @@ class _Logger:
         self.callback = progress if callable(progress) else None
         self.bar = None
         self.tb = None
+        self.total = total
+        self.lines = progress is None and not sys.stderr.isatty()
         if not self.enabled:
             return
         # Cut the file back to the restored step (atomically) before appending again.
@@ -155,6 +194,10 @@ class _Logger:
                 self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+        elif self.lines:
+            print(f"[train {time.strftime('%H:%M:%S')}] step {row['step']}/{self.total} loss {row['loss']:.4f} "
+                  f"grad_norm {row.get('grad_norm', float('nan')):.3f} lr {row.get('lr', float('nan')):.3g} "
+                  f"{row.get('tokens_per_s', 0):.0f} tok/s", file=sys.stderr, flush=True)
         if self.callback is not None:
             self.callback(row["step"], row)
 
@@ -192,7 +235,8 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a run in `out_dir`.
 
-    init_params: start from these params (e.g. a pretrained model) instead of a random init.
+    init_params: start from these params (e.g. a pretrained model) instead of a random init; with
+        `cfg.init` set and no init_params, the checkpoint it names is read (model section, weights, tokenizer).
     tokenizer: a transformers tokenizer; default `data.tokenizer.get_tokenizer(cfg.data)`.
     on_checkpoint(step, numpy_params): called after each checkpoint save, and also every
         `callback_every` steps when that is > 0 (cheap footprint tracking, no orbax save).
@@ -209,6 +253,9 @@ def train(
     if tc.batch_size % jax.process_count():
         raise UserError(f"train.batch_size: {tc.batch_size} is not divisible by the {jax.process_count()} hosts")
     local_batch = tc.batch_size // jax.process_count()
+    if cfg.init and init_params is None:
+        cfg, init_params, tokenizer = _start_from_checkpoint(cfg, run_dir, tokenizer)
+        tc = cfg.train
     if tokenizer is None and (dataset is None or not cfg.model.get("vocab_size")):
         tokenizer = get_tokenizer(cfg.data)
     model_cfg = cfg.llama_config(len(tokenizer) if tokenizer is not None else None)
