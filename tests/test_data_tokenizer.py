@@ -77,3 +77,29 @@ def test_user_tokenizer_folder(tmp_path, small_corpus):
     assert got.get_vocab() == tok.get_vocab()
     with pytest.raises(UserError, match="nope"):
         T.get_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope")))
+
+
+def test_tokenizer_by_hub_id_goes_through_autotokenizer(tmp_path, monkeypatch):
+    """data.tokenizer=org/name (not a local path) asks AutoTokenizer for the hub id, online; answered here
+    from a local folder in the same format. A missing local folder that is no hub id is one clear error."""
+    import transformers
+
+    from bshadow_jax.data.config import DataConfig
+    from bshadow_jax.data.tokenizer import get_tokenizer
+    from bshadow_jax.errors import UserError
+
+    local = tmp_path / "tok"
+    get_tokenizer(DataConfig(vocab_size=300, text_source="procedural")).save_pretrained(str(local))
+    real = transformers.AutoTokenizer.from_pretrained
+    asked = []
+
+    def from_pretrained(name, **kw):
+        asked.append((name, kw.get("local_files_only"), kw.get("trust_remote_code")))
+        return real(str(local) if name == "org/tok" else name, **kw)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.chdir(tmp_path)
+    tok = get_tokenizer(DataConfig(tokenizer="org/tok"))
+    assert asked == [("org/tok", False, False)] and len(tok) == 300
+    with pytest.raises(UserError, match="tokenizer folder not found"):
+        get_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope" / "deeper")))

@@ -18,6 +18,7 @@ from bshadow_jax.data.config import DataConfig
 from bshadow_jax.data.text import text_corpus
 from bshadow_jax.errors import UserError
 from bshadow_jax.fileio import atomic_output_dir, cache_root
+from bshadow_jax.formats.hub import looks_like_hub_id
 
 log = logging.getLogger("bshadow_jax.data.tokenizer")
 
@@ -68,19 +69,24 @@ def train_bpe(texts: list[str], vocab_size: int):
 
 
 def get_tokenizer(data_cfg: DataConfig | None = None):
-    """The run's tokenizer: `data_cfg.tokenizer` (HF folder) or the cached BPE for `vocab_size`."""
+    """The run's tokenizer: `data_cfg.tokenizer` (a Hugging Face tokenizer folder, or a hub id such as
+    "HuggingFaceTB/SmolLM2-135M", fetched once when online) or the cached BPE for `vocab_size`."""
     from transformers import AutoTokenizer
 
     data_cfg = data_cfg or DataConfig()
     if data_cfg.tokenizer:
         path = Path(data_cfg.tokenizer)
-        if not path.is_dir():
-            raise UserError(f"{path}: tokenizer folder not found (data.tokenizer)")
+        hub = not path.exists() and looks_like_hub_id(data_cfg.tokenizer)
+        if not path.is_dir() and not hub:
+            raise UserError(f"{path}: tokenizer folder not found (data.tokenizer: a local folder or a hub id org/name)")
         try:
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(data_cfg.tokenizer if hub else str(path), local_files_only=not hub,
+                                                trust_remote_code=False)
         except Exception as e:  # tokenizers/transformers raise KeyError, plain Exception, ... on damaged files
             msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            raise UserError(f"{path}: not a Hugging Face tokenizer folder ({type(e).__name__}: {msg})") from None
+            what = "no tokenizer from the Hugging Face Hub (offline or not found" if hub else \
+                "not a Hugging Face tokenizer folder ("
+            raise UserError(f"{data_cfg.tokenizer}: {what}{': ' if hub else ''}{type(e).__name__}: {msg})") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
