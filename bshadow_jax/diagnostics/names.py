@@ -50,8 +50,11 @@ _PARAM_LEAVES = ("weight", "bias", "kernel", "embedding")
 _LEAF_ALT = "|".join(_PARAM_LEAVES)
 _LEAF = rf"(?P<module>(?!(?:{_LEAF_ALT})$)[^.]+)(?:\.(?:{_LEAF_ALT}))?$"
 NAME_RULES: list[NameRule] = [
-    NameRule(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|token_embedder)(?:\.|$)", module="embed"),
+    NameRule(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|token_embedder|embed)(?:\.|$)",
+             module="embed"),
     NameRule(r"(?:^|\.)lm_head(?:\.|$)", module="lm_head"),
+    # a parameter straight in a block list (nnx `blocks.1.kernel`): the list is the module
+    NameRule(rf"(?:^|\.)(?P<module>layers|h|blocks|layer)[._](?P<layer>\d+)\.(?:{_LEAF_ALT})$"),
     # MoE: model.layers.{i}.mlp.experts.{e}.gate_proj.weight
     NameRule(_BLOCK + r"(?:.*\.)?experts\.(?P<expert>\d+)\.(?:.*\.)?" + _LEAF),
     # llama/qwen2/mistral/gemma `self_attn.q_proj`, GPT-2 `attn.c_attn`, stacked `mlp.experts.gate_up_proj`

@@ -203,7 +203,15 @@ def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, laye
     """
     opts = dict(item=item, layer_axis=layer_axis, layout=layout)
     with plan.open_source(base_path, **opts) as b, plan.open_source(tuned_path, **opts) as t:
+        _check_item(item, b, t)
         return _diagnose_sources(b, t, **kw)
+
+
+def _check_item(item: str | None, *sources) -> None:
+    """An --item that no source had a multi-item step to pick from is a mistake, not a no-op."""
+    if item is not None and not any(getattr(s, "item_applied", False) for s in sources):
+        paths = " and ".join(str(getattr(s, "path", "?")) for s in sources)
+        raise UserError(f"{paths}: --item {item}: no multi-item orbax step to pick it from")
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,6 +273,7 @@ def spectrum(params_or_path: Any, *, item: str | None = None, layer_axis=(), lay
         SpectrumResult (rows, summary, spectra).
     """
     with plan.open_source(params_or_path, item=item, layer_axis=layer_axis, layout=layout) as src:
+        _check_item(item, src)
         return _spectrum_source(src, **kw)
 
 

@@ -107,13 +107,14 @@ def pick_item(step: Path, item: str | None) -> Path:
     raise UserError(f"{step}: {len(items)} orbax items ({', '.join(items)}); pick one with --item NAME")
 
 
-def resolve_orbax(path: str | os.PathLike, item: str | None = None) -> tuple[Path, dict | None]:
-    """(pytree item folder to read, the bshadow run's `model` section or None) of an orbax path.
+def resolve_orbax(path: str | os.PathLike, item: str | None = None) -> tuple[Path, dict | None, bool]:
+    """(pytree item folder to read, the bshadow run's `model` section or None, whether `item` picked it).
 
     Args:
       path: a bshadow run or step folder; an orbax pytree folder; a step folder of items; or a
         CheckpointManager folder (its latest finished step).
-      item: the item of a multi-item step to read (default: `params`, else the only item).
+      item: the item of a multi-item step to read (default: `params`, else the only item);
+        a checkpoint that is one pytree has no items and ignores it.
 
     Raises:
       UserError: naming the folder, for a half-written step (orbax tmp folder or no commit
@@ -124,18 +125,18 @@ def resolve_orbax(path: str | os.PathLike, item: str | None = None) -> tuple[Pat
         _finished(p)
     if (p / CKPT_DIRNAME).is_dir() or _is_bshadow_step(p):
         model, step = run_model_section(p)
-        return pick_item(step, item or "params"), model
+        return pick_item(step, item or "params"), model, item is not None
     if _is_pytree(p):
-        if item is not None:
-            raise UserError(f"{p}: --item {item}: this orbax checkpoint is a single pytree, not a step of items")
         _finished(p)
-        return p, None
+        return p, None, False
     if _items(p):
         _finished(p)
-        return pick_item(p, item), None
+        return pick_item(p, item), None, item is not None
     step = _latest_step(p)
     if step is not None:
-        return (step if _is_pytree(step) and item is None else pick_item(step, item)), None
+        if _is_pytree(step):
+            return step, None, False
+        return pick_item(step, item), None, item is not None
     raise UserError(f"{p}: not a bshadow run folder (no {CKPT_DIRNAME}/) nor an orbax checkpoint "
                     f"(no {PYTREE_METADATA}, item folders or step folders)")
 

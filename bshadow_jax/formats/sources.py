@@ -206,7 +206,7 @@ class OrbaxSource(CheckpointSource):
 
     def __init__(self, path, item: str | None = None):
         super().__init__(path)
-        item_dir, self.model_section = resolve_orbax(self.path, item)
+        item_dir, self.model_section, self.item_applied = resolve_orbax(self.path, item)
         self.item_dir = item_dir
         self._leaves = ParamsLeaves(item_dir, item=None)
         self._names = sort_layer_order(self._leaves.names())
@@ -287,8 +287,8 @@ def open_checkpoint(path: str | os.PathLike, *, item: str | None = None) -> Chec
         file or shard index, a `.gguf` file, a bshadow run folder (latest step), any orbax
         checkpoint (a pytree folder, a step folder of items, a CheckpointManager folder: its
         latest finished step), or a Hugging Face Hub id ("org/name", safetensors only, when online).
-      item: the item of a multi-item orbax step to read (orbax only; default `params`, else
-        the only item).
+      item: the item of a multi-item orbax step to read (default `params`, else the only item);
+        ignored by every other kind, which has no items (the source's `item_applied` says).
 
     Returns:
       An open CheckpointSource; use it as a context manager.
@@ -298,11 +298,7 @@ def open_checkpoint(path: str | os.PathLike, *, item: str | None = None) -> Chec
     """
     name = os.fspath(path)
     refuse_pickle(name)
-    src = _open(name, item)
-    if item is not None and not isinstance(src, OrbaxSource):
-        src.close()
-        raise UserError(f"{name}: --item {item}: only orbax checkpoints have items (this is {src.kind})")
-    return src
+    return _open(name, item)
 
 
 def _open(name: str, item: str | None) -> CheckpointSource:
