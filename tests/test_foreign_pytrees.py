@@ -105,6 +105,10 @@ def linen(tmp_path_factory):
                                  2: {"state": _train_state(tuned), "ema": base}})
     half = root / "mgr" / "3.orbax-checkpoint-tmp-1700000000"  # a later save that never finished
     shutil.copytree(root / "mgr" / "2", half)
+    unmarked = root / "mgr" / "5"  # a step folder whose commit markers were never written
+    shutil.copytree(root / "mgr" / "1", unmarked)
+    for m in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+        (unmarked / m).unlink()
     return root, base, tuned
 
 
@@ -123,10 +127,13 @@ def test_linen_params_only_kernels_transposed_and_item(linen, tmp_path):
     with open_checkpoint(root / "mgr", item="state") as src:
         assert src.kind == "orbax" and sorted(src.names()) == ["Dense_0.bias", "Dense_0.kernel",
                                                                "layers_1.mlp.wi.kernel"]
-        np.testing.assert_array_equal(src.read("Dense_0.kernel"), tuned["Dense_0"]["kernel"])  # the latest step
+        np.testing.assert_array_equal(src.read("Dense_0.kernel"), tuned["Dense_0"]["kernel"])  # the latest finished step
     got = diagnostics.diagnose_checkpoints(root / "base", root / "mgr", item="state")
     ref = diagnostics.diagnose(_hf_like(base), _hf_like(tuned))
     _same_metrics(_as_hf(got.rows), ref.rows)
+    # a step whose items are `params` and `opt_state`: params is picked without --item
+    _save_manager(tmp_path / "mgr2", {1: {"opt_state": {"mu": tuned}, "params": tuned}})
+    _same_metrics(diagnostics.diagnose_checkpoints(root / "base", tmp_path / "mgr2").rows, got.rows)
     # in memory: linen variables, a FrozenDict, a TrainState-like dict give the same rows
     from flax.core import FrozenDict
 
