@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Compare TUNED against BASE tensor by tensor (dW = W_tuned - W_base) and write "
             "metrics.csv (one row per matrix), summary.json (footprint, groups, skipped), "
             "report.md and PNG figures to --out. Checkpoints may be Hugging Face folders, "
-            ".safetensors or .gguf files, bshadow run folders or orbax step folders."
+            ".safetensors or .gguf files, bshadow run folders, or any orbax checkpoint (a step folder, "
+            "or a CheckpointManager folder: its latest finished step) written by any JAX stack."
         ),
     )
     d.add_argument("base", help="base checkpoint")
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prefix rule applied to TUNED names before pairing, e.g. model.language_model.=model. (repeatable)",
     )
     d.add_argument("--batch-budget-mb", type=float, default=512.0, help="memory budget for one stack of matrices")
+    _layout_options(d)
     d.set_defaults(handler=_run_diagnose)
 
     s = sub.add_parser(
@@ -39,7 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--include", metavar="REGEX")
     s.add_argument("--exclude", metavar="REGEX")
     s.add_argument("--batch-budget-mb", type=float, default=512.0)
+    _layout_options(s)
     s.set_defaults(handler=_run_spectrum)
+
+
+def _layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--item", metavar="NAME",
+                   help="item of a multi-item orbax step to read (default: params, else the only item)")
+    p.add_argument(
+        "--layer-axis", action="append", default=[], metavar="REGEX=AXIS",
+        help="leaves whose name matches REGEX hold one matrix per layer along AXIS of the stored shape, "
+             "e.g. '^decoder\\.layers\\.=1' (repeatable; the first matching rule applies)",
+    )
+    p.add_argument("--layout", metavar="NAME",
+                   help="a named scanned-layer layout: maxtext (every decoder.layers.* leaf has its layer axis at 1)")
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:

@@ -42,11 +42,19 @@ COMPONENT_RULES: list[tuple[str, str]] = [
     (r"(?:^|\.)(?:vision_tower|vision_model|visual)(?:\.|$)", "vision"),
 ]
 
-_BLOCK = r"(?:^|\.)(?:layers|h|blocks|layer)\.(?P<layer>\d+)\."
-_LEAF = r"(?P<module>(?!(?:weight|bias)$)[^.]+)(?:\.(?:weight|bias))?$"
+# a block: `layers.3.` (HF, nnx lists), `layers_3.` (flax linen lists, MaxText unscanned), also
+# `layer`, `blocks` and `h` with either separator
+_BLOCK = r"(?:^|\.)(?:layers|h|blocks|layer)[._](?P<layer>\d+)\."
+# the parameter's own name, not a module: HF `weight`/`bias`, flax `kernel`/`bias`/`embedding`
+_PARAM_LEAVES = ("weight", "bias", "kernel", "embedding")
+_LEAF_ALT = "|".join(_PARAM_LEAVES)
+_LEAF = rf"(?P<module>(?!(?:{_LEAF_ALT})$)[^.]+)(?:\.(?:{_LEAF_ALT}))?$"
 NAME_RULES: list[NameRule] = [
-    NameRule(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings)(?:\.|$)", module="embed"),
+    NameRule(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|token_embedder|embed)(?:\.|$)",
+             module="embed"),
     NameRule(r"(?:^|\.)lm_head(?:\.|$)", module="lm_head"),
+    # a parameter straight in a block list (nnx `blocks.1.kernel`): the list is the module
+    NameRule(rf"(?:^|\.)(?P<module>layers|h|blocks|layer)[._](?P<layer>\d+)\.(?:{_LEAF_ALT})$"),
     # MoE: model.layers.{i}.mlp.experts.{e}.gate_proj.weight
     NameRule(_BLOCK + r"(?:.*\.)?experts\.(?P<expert>\d+)\.(?:.*\.)?" + _LEAF),
     # llama/qwen2/mistral/gemma `self_attn.q_proj`, GPT-2 `attn.c_attn`, stacked `mlp.experts.gate_up_proj`
@@ -74,6 +82,14 @@ def register_name_rule(rule: NameRule | str, *, module: str | None = None, compo
     else:
         NAME_RULES.append(rule)
     return rule
+
+
+def leaf_module(name: str) -> str:
+    """The last dotted part of a name that is not a parameter leaf (`weight`, `bias`, `kernel`, `embedding`)."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[-1] in _PARAM_LEAVES:
+        parts.pop()
+    return parts[-1]
 
 
 def parse_name(name: str) -> dict:

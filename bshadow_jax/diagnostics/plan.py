@@ -1,7 +1,8 @@
 """Which matrices a diagnosis analyses, in which same-shape stacks, and the chunked stream that reads them.
 
 Sources come from `formats` (`open_checkpoint` for files and hub ids, `DictSource` for in-memory
-pytrees): tensor by tensor, never a whole checkpoint. A plan pairs base and tuned names (after
+pytrees), seen through `formats.layout.LayoutSource` (flax kernels as [out, in], DenseGeneral
+flattened, `--layer-axis` stacks): tensor by tensor, never a whole checkpoint. A plan pairs base and tuned names (after
 `--rename`), filters them (`--include`/`--exclude`), says why each left-out tensor was skipped, and
 cuts the matrices into chunks under the memory budget; `iter_chunks` reads the next chunk while
 the current one is computed.
@@ -15,21 +16,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from bshadow_jax.diagnostics.names import apply_rename, compile_filter, parse_name, parse_rename
+from bshadow_jax.diagnostics.names import apply_rename, compile_filter, leaf_module, parse_name, parse_rename
 from bshadow_jax.errors import UserError
+from bshadow_jax.formats.layout import LayoutSource
 from bshadow_jax.formats.sources import DictSource, open_checkpoint
 
 
 @contextlib.contextmanager
-def open_source(path_or_params: Any) -> Iterator[Any]:
-    """A checkpoint path (through formats.open_checkpoint), an open source, or an in-memory pytree."""
-    if isinstance(path_or_params, (str, bytes)) or hasattr(path_or_params, "__fspath__"):
-        with open_checkpoint(path_or_params) as src:
-            yield src
-    elif hasattr(path_or_params, "names") and hasattr(path_or_params, "read"):
+def open_source(path_or_params: Any, *, item: str | None = None, layer_axis=(), layout: str | None = None,
+                name: str = "<memory>") -> Iterator[Any]:
+    """A checkpoint path (through formats.open_checkpoint), an open source, or an in-memory pytree,
+    seen through the layout rules (formats.layout: kernels, DenseGeneral, `layer_axis`, `layout`)."""
+    if isinstance(path_or_params, LayoutSource) and not layer_axis and layout is None:
         yield path_or_params
+    elif isinstance(path_or_params, (str, bytes)) or hasattr(path_or_params, "__fspath__"):
+        with open_checkpoint(path_or_params, item=item) as src:
+            yield LayoutSource(src, layer_axis, layout)
+    elif hasattr(path_or_params, "names") and hasattr(path_or_params, "read"):
+        yield LayoutSource(path_or_params, layer_axis, layout)
     else:
-        yield DictSource(path_or_params)
+        yield LayoutSource(DictSource(path_or_params, name), layer_axis, layout)
 
 
 # ------------------------------------------------------------------------------------------
@@ -43,9 +49,25 @@ class Item:
     tuned_name: str | None
     index: int | None  # slice of a 3-D tensor
     shape: tuple  # (rows, cols) of the analysed matrix
+    layer: int | None = None  # the slice is this layer of a layer-stacked tensor (--layer-axis)
 
 
-def _matrix_check(name: str, shape: tuple) -> str | None:
+def _stacked(src, name: str) -> bool:
+    return bool(getattr(src, "layer_stacked", lambda n: False)(name))
+
+
+def _stored(src, name: str) -> tuple:
+    return tuple(getattr(src, "stored_shape", src.shape)(name))
+
+
+def _matrix_check(name: str, shape: tuple, layer_stacked: bool = False) -> str | None:
+    if layer_stacked:  # one tensor per layer: each must be a matrix
+        per = len(shape) - 1
+        if per < 2:
+            return f"{per}-D tensor per layer (not a matrix)"
+        if per > 2:
+            return f"{per}-D tensor per layer (only matrices are analysed in a layer-stacked tensor)"
+        return "empty matrix" if min(shape[-2:]) == 0 else None
     if len(shape) < 2:
         return f"{len(shape)}-D tensor (not a matrix)"
     if len(shape) > 3:
@@ -86,7 +108,7 @@ def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) ->
         if not _keep(bn, inc, exc):
             continue
         bshape = tuple(base_src.shape(bn))
-        why = _matrix_check(bn, bshape)
+        why = _matrix_check(bn, bshape, _stacked(base_src, bn))
         if why:
             skipped.append({"name": bn, "reason": why})
             continue
@@ -95,18 +117,21 @@ def plan_pairs(base_src, tuned_src, *, rename=(), include=None, exclude=None) ->
             skipped.append({"name": bn, "reason": "missing in tuned"})
             continue
         tshape = tuple(tuned_src.shape(tn))
-        if tshape != bshape:
-            skipped.append({"name": bn, "reason": f"shape mismatch: base {list(bshape)} vs tuned {list(tshape)}"})
+        if tshape != bshape or _stacked(tuned_src, tn) != _stacked(base_src, bn):
+            bs, ts = _stored(base_src, bn), _stored(tuned_src, tn)
+            skipped.append({"name": bn, "reason": f"shape mismatch: base {list(bs)} vs tuned {list(ts)}"})
             continue
-        items.extend(_matrix_items(bn, tn, bshape))
+        items.extend(_matrix_items(bn, tn, bshape, _stacked(base_src, bn)))
     for name, tn in tuned_map.items():
         if name not in seen and _keep(name, inc, exc):
             skipped.append({"name": name if name == tn else f"{name} (tuned {tn})", "reason": "missing in base"})
     return items, skipped
 
 
-def _matrix_items(name: str, tuned_name: str | None, shape: tuple) -> list[Item]:
-    """One item per matrix: a stacked 3-D tensor (MoE experts) gives one per slice."""
+def _matrix_items(name: str, tuned_name: str | None, shape: tuple, layer_stacked: bool = False) -> list[Item]:
+    """One item per matrix: a stacked 3-D tensor (MoE experts, or layers) gives one per slice."""
+    if layer_stacked:
+        return [Item(f"{name}[{i}]", name, tuned_name, i, shape[1:], layer=i) for i in range(shape[0])]
     if len(shape) == 3:
         return [Item(f"{name}[{e}]", name, tuned_name, e, shape[1:]) for e in range(shape[0])]
     return [Item(name, name, tuned_name, None, shape)]
@@ -119,11 +144,11 @@ def plan_single(src, *, include=None, exclude=None) -> tuple[list[Item], list[di
         if not _keep(n, inc, exc):
             continue
         shape = tuple(src.shape(n))
-        why = _matrix_check(n, shape)
+        why = _matrix_check(n, shape, _stacked(src, n))
         if why:
             skipped.append({"name": n, "reason": why})
         else:
-            items.extend(_matrix_items(n, None, shape))
+            items.extend(_matrix_items(n, None, shape, _stacked(src, n)))
     return items, skipped
 
 
@@ -255,13 +280,20 @@ def iter_chunks(chunks: Sequence[Sequence[Item]], *sources, prefetch_limit_bytes
 
 def row_labels(item: Item) -> dict:
     """name/component/layer/module/expert/rows/cols of one analysed matrix."""
-    p = parse_name(item.base_name or item.name)
-    expert = item.index if item.index is not None else p["expert"]
+    name = item.base_name or item.name
+    p = parse_name(name)
+    layer, module = p["layer"], p["module"]
+    if item.layer is not None:  # a slice of a layer-stacked tensor: the slice index is the layer
+        layer, expert = item.layer, p["expert"]
+        if module == name:  # no block rule matched (decoder.layers.mlp.wi_0.kernel): the leaf's module
+            module = leaf_module(name)
+    else:
+        expert = item.index if item.index is not None else p["expert"]
     return {
         "name": item.name,
         "component": p["component"],
-        "layer": p["layer"],
-        "module": p["module"],
+        "layer": layer,
+        "module": module,
         "expert": expert,
         "rows": int(item.shape[0]),
         "cols": int(item.shape[1]),

@@ -20,7 +20,7 @@ from bshadow_jax.diagnostics.report import write_report
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 from bshadow_jax.errors import UserError, refuse_pickle
 from bshadow_jax.formats.hub import looks_like_hub_id
-from bshadow_jax.formats.sources import DictSource
+from bshadow_jax.formats.layout import parse_layer_axis
 
 ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
 DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
@@ -101,7 +101,7 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     bpath, tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
     if not items:
         filt = " (after --include/--exclude)" if include or exclude else ""
-        raise UserError(f"{bpath} vs {tpath}: no matrix in common{filt}")
+        raise UserError(f"{bpath} vs {tpath}: no matrix in common{filt}{_why_none(base_src, tuned_src, skipped)}")
     mesh, nd, chunks, first_len = _plan_chunks(items, mesh, budget_mb, copies=6)
     user_cols = [f"delta_{m.name}" for m in registry.registered_metrics()]
     metric_cols = list(DIAGNOSE_COLS) + user_cols
@@ -148,13 +148,25 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=spectra)
 
 
+def _why_none(base_src, tuned_src, skipped) -> str:
+    """Why two trees have no matrix in common: the first shape mismatch, or no name in common."""
+    for s in skipped:
+        if s["reason"].startswith("shape mismatch: "):
+            return f"; tensor {s['name']}: {s['reason'][len('shape mismatch: '):]}"
+    bn, tn = base_src.names(), tuned_src.names()
+    if bn and tn and not set(bn) & set(tn):
+        return f" (no tensor name in common: base has e.g. {bn[0]}, tuned has e.g. {tn[0]})"
+    return ""
+
+
 def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, rename=(), include=None,
              exclude=None, method: str = "auto", budget_mb: float = 512.0, progress=False,
-             eig_backend: str = "auto") -> DiagnoseResult:
-    """Delta metrics of two in-memory parameter pytrees (nested or flat dicts of arrays).
+             eig_backend: str = "auto", layer_axis=(), layout: str | None = None) -> DiagnoseResult:
+    """Delta metrics of two in-memory parameter pytrees.
 
     Args:
-        base_params, tuned_params: the two pytrees; matrices are paired by name.
+        base_params, tuned_params: the two pytrees (nested or flat dicts of arrays, flax linen
+            `{"params": ...}`, FrozenDict, nnx State or its pure dict); matrices are paired by name.
         topk: K of base_overlap and of the top-k delta metrics.
         mesh: device mesh to shard the stacks over (default: every local device).
         rename: --rename rules ("OLD=NEW" or pairs) applied to tuned names.
@@ -163,27 +175,43 @@ def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, r
         budget_mb: memory budget of one stack of matrices.
         progress: show a progress bar (None: when stderr is a terminal).
         eig_backend: "auto", "host" or "jax" (stacks.use_host).
+        layer_axis: "REGEX=AXIS" rules (or (regex, axis) pairs): leaves whose name matches hold
+            one matrix per layer along AXIS (formats.layout).
+        layout: a named set of layer-axis rules ("maxtext").
 
     Returns:
         DiagnoseResult (rows, summary, spectra).
     """
-    return _diagnose_sources(DictSource(base_params, "<base>"), DictSource(tuned_params, "<tuned>"),
-                             topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
-                             method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
+    with plan.open_source(base_params, name="<base>", layer_axis=layer_axis, layout=layout) as b, \
+            plan.open_source(tuned_params, name="<tuned>", layer_axis=layer_axis, layout=layout) as t:
+        return _diagnose_sources(b, t, topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
+                                 method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
 
 
-def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
+def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, layer_axis=(), layout: str | None = None,
+                         **kw) -> DiagnoseResult:
     """diagnose() streaming two checkpoints tensor by tensor.
 
     Args:
         base_path, tuned_path: checkpoint files or folders (diagnostics.plan.open_source).
-        **kw: diagnose()'s keyword arguments.
+        item: the item of multi-item orbax steps to read (both sides).
+        layer_axis, layout: as in diagnose().
+        **kw: diagnose()'s other keyword arguments.
 
     Returns:
         DiagnoseResult.
     """
-    with plan.open_source(base_path) as b, plan.open_source(tuned_path) as t:
+    opts = dict(item=item, layer_axis=layer_axis, layout=layout)
+    with plan.open_source(base_path, **opts) as b, plan.open_source(tuned_path, **opts) as t:
+        _check_item(item, b, t)
         return _diagnose_sources(b, t, **kw)
+
+
+def _check_item(item: str | None, *sources) -> None:
+    """An --item that no source had a multi-item step to pick from is a mistake, not a no-op."""
+    if item is not None and not any(getattr(s, "item_applied", False) for s in sources):
+        paths = " and ".join(str(getattr(s, "path", "?")) for s in sources)
+        raise UserError(f"{paths}: --item {item}: no multi-item orbax step to pick it from")
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,17 +260,20 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     return SpectrumResult(rows=[{c: r.get(c) for c in cols} for r in rows], summary=summary, spectra=spectra)
 
 
-def spectrum(params_or_path: Any, **kw) -> SpectrumResult:
+def spectrum(params_or_path: Any, *, item: str | None = None, layer_axis=(), layout: str | None = None,
+             **kw) -> SpectrumResult:
     """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint.
 
     Args:
         params_or_path: a parameter pytree, or a checkpoint path (diagnostics.plan.open_source).
+        item, layer_axis, layout: as in diagnose_checkpoints().
         **kw: topk, mesh, include, exclude, method, budget_mb, progress, eig_backend as in diagnose().
 
     Returns:
         SpectrumResult (rows, summary, spectra).
     """
-    with plan.open_source(params_or_path) as src:
+    with plan.open_source(params_or_path, item=item, layer_axis=layer_axis, layout=layout) as src:
+        _check_item(item, src)
         return _spectrum_source(src, **kw)
 
 
@@ -308,6 +339,12 @@ def _check_inputs(*paths) -> None:
             raise UserError(f"{p}: no such file or folder")
 
 
+def _layout_args(args) -> dict:
+    """--item, --layer-axis, --layout (checked before anything is read)."""
+    parse_layer_axis(args.layer_axis, args.layout)
+    return {"item": args.item, "layer_axis": args.layer_axis, "layout": args.layout}
+
+
 def diagnose_cli(args) -> int:
     fileio.check_output_dir(args.out)
     _check_inputs(args.base, args.tuned)
@@ -315,7 +352,8 @@ def diagnose_cli(args) -> int:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
     fileio.enable_compilation_cache()
     res = diagnose_checkpoints(args.base, args.tuned, topk=args.topk, rename=args.rename, include=args.include,
-                               exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None)
+                               exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
+                               **_layout_args(args))
     write_outputs(res, args.out)
     fp = res.summary["footprint"]
     print(f"{args.out}: {len(res.rows)} matrices, {len(res.summary['skipped'])} skipped; footprint entropy "
@@ -330,7 +368,7 @@ def spectrum_cli(args) -> int:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
     fileio.enable_compilation_cache()
     res = spectrum(args.ckpt, topk=args.topk, include=args.include, exclude=args.exclude,
-                   budget_mb=args.batch_budget_mb, progress=None)
+                   budget_mb=args.batch_budget_mb, progress=None, **_layout_args(args))
     write_outputs(res, args.out)
     print(f"{args.out}: {len(res.rows)} matrices, {len(res.summary['skipped'])} skipped")
     return 0

@@ -62,3 +62,28 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+PARAMS_KEY = "params"
+NNX_VALUE_KEY = "value"
+
+
+def params_view(paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """{key path: tensor name} of the leaves a foreign tree's weights are, in the given order.
+
+    - When some leaf sits under a top-level `params` key (a flax TrainState, linen variables
+      `{"params": ...}`, MaxText's `items`), only that subtree is kept, and the key is dropped;
+      again while the kept subtree has a `params` key of its own (`params.params.decoder...`).
+      Optimizer moments and step counters beside it are never named.
+    - When every kept leaf ends in `value` (an nnx State written as it is), that key is dropped.
+
+    Trees without either (bshadow's own, Hugging Face names) keep their dotted names.
+    """
+    depth, kept = 0, list(paths)
+    while True:
+        inner = [p for p in kept if len(p) > depth + 1 and p[depth] == PARAMS_KEY]
+        if not inner:
+            break
+        kept, depth = inner, depth + 1
+    strip = 1 if kept and all(len(p) > depth + 1 and p[-1] == NNX_VALUE_KEY for p in kept) else 0
+    return {p: ".".join(p[depth:len(p) - strip]) for p in kept}

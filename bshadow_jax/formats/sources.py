@@ -20,8 +20,8 @@ import numpy as np
 from bshadow_jax.errors import UserError, refuse_pickle
 from bshadow_jax.formats import hub
 from bshadow_jax.formats.gguf import GGUFFile
-from bshadow_jax.formats.orbax import ParamsLeaves, run_model_section
-from bshadow_jax.formats.pytree import flatten
+from bshadow_jax.formats.orbax import ParamsLeaves, resolve_orbax
+from bshadow_jax.formats.pytree import flatten, params_view, path_name
 from bshadow_jax.formats.safetensors import (
     NUMPY_TO_ST,
     SAFETENSORS_FILE,
@@ -196,14 +196,19 @@ class GGUFSource(CheckpointSource):
 
 
 class OrbaxSource(CheckpointSource):
-    """A bshadow run folder (latest step) or an orbax step folder, read one tensor at a time."""
+    """Any orbax checkpoint (a bshadow run or step folder, a pytree folder, a step of items, a
+    CheckpointManager folder), read one tensor at a time.
+
+    `model_section` is the bshadow run's `model` config, None for other stacks' checkpoints.
+    """
 
     kind = "orbax"
 
-    def __init__(self, path):
+    def __init__(self, path, item: str | None = None):
         super().__init__(path)
-        self.model_section, step_dir = run_model_section(self.path)
-        self._leaves = ParamsLeaves(step_dir)
+        item_dir, self.model_section, self.item_applied = resolve_orbax(self.path, item)
+        self.item_dir = item_dir
+        self._leaves = ParamsLeaves(item_dir, item=None)
         self._names = sort_layer_order(self._leaves.names())
 
     def names(self) -> list[str]:
@@ -235,15 +240,29 @@ class OrbaxSource(CheckpointSource):
 
 
 class DictSource(CheckpointSource):
-    """An in-memory pytree (nested dicts of arrays, or a flat name -> array dict) as a source."""
+    """An in-memory pytree as a source: nested dicts of arrays, a flat name -> array dict, flax
+    params (linen `{"params": ...}`, `FrozenDict`, an nnx `State` or its pure dict, a TrainState).
+
+    Names follow `pytree.params_view`: only a `params` subtree when there is one.
+    """
 
     kind = "memory"
 
-    def __init__(self, params: Mapping[str, Any], path: str = "<memory>"):
-        if not isinstance(params, Mapping):
-            raise TypeError(f"expected a dict of arrays, got {type(params).__name__}")
+    def __init__(self, params: Any, path: str = "<memory>"):
         super().__init__(path)
-        self._flat = flatten(params)
+        if hasattr(params, "to_pure_dict"):  # an nnx State: its Variables' values
+            params = params.to_pure_dict()
+        if isinstance(params, Mapping):
+            flat = flatten(params)
+        else:
+            import jax
+
+            leaves = jax.tree_util.tree_flatten_with_path(params)[0] if not hasattr(params, "shape") else []
+            if not leaves:
+                raise TypeError(f"expected a dict (or pytree) of arrays, got {type(params).__name__}")
+            flat = {path_name(kp): leaf for kp, leaf in leaves}
+        names = {tuple(n.split(".")): n for n in flat}
+        self._flat = {name: flat[names[keys]] for keys, name in params_view(list(names)).items()}
 
     def names(self) -> list[str]:
         return list(self._flat)
@@ -260,13 +279,16 @@ class DictSource(CheckpointSource):
         return x.astype(np.float32, copy=False)
 
 
-def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+def open_checkpoint(path: str | os.PathLike, *, item: str | None = None) -> CheckpointSource:
     """The source for a checkpoint path or hub id; every format decision is made here.
 
     Args:
       path: an HF folder (config.json + model.safetensors or a shard index), a `.safetensors`
-        file or shard index, a `.gguf` file, a bshadow run folder (latest step) or orbax step
-        folder, or a Hugging Face Hub id ("org/name", safetensors only, when online).
+        file or shard index, a `.gguf` file, a bshadow run folder (latest step), any orbax
+        checkpoint (a pytree folder, a step folder of items, a CheckpointManager folder: its
+        latest finished step), or a Hugging Face Hub id ("org/name", safetensors only, when online).
+      item: the item of a multi-item orbax step to read (default `params`, else the only item);
+        ignored by every other kind, which has no items (the source's `item_applied` says).
 
     Returns:
       An open CheckpointSource; use it as a context manager.
@@ -276,6 +298,10 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """
     name = os.fspath(path)
     refuse_pickle(name)
+    return _open(name, item)
+
+
+def _open(name: str, item: str | None) -> CheckpointSource:
     p = Path(name)
     if not p.exists():
         if hub.looks_like_hub_id(name):
@@ -302,7 +328,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         if pickles:
             refuse_pickle(pickles[0])
         raise UserError(f"{p}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} beside config.json")
-    return OrbaxSource(p)
+    return OrbaxSource(p, item=item)
 
 
 def _pickles(folder: Path) -> list[Path]:

@@ -16,6 +16,7 @@ import numpy as np
 from bshadow_jax.config import from_dict
 from bshadow_jax.errors import ConfigError, UserError
 from bshadow_jax.formats.gguf import SUPPORTED_ARCHS, GGUFFile, hf_name
+from bshadow_jax.formats.orbax import CONFIG_NAME
 from bshadow_jax.formats.pytree import flatten, unflatten
 from bshadow_jax.formats.sources import CheckpointSource, GGUFSource, OrbaxSource, SafetensorsSource, open_checkpoint
 from bshadow_jax.models.hf import read_hf_config
@@ -61,6 +62,11 @@ def checkpoint_config(src: CheckpointSource, *, required: bool = True) -> LlamaC
             return None
         return config_from_gguf(src.file)
     if isinstance(src, OrbaxSource):
+        if src.model_section is None:  # another stack's orbax checkpoint: tensors, no Llama config
+            if not required:
+                return None
+            raise UserError(f"{src.path}: an orbax checkpoint without a bshadow run's {CONFIG_NAME} carries no "
+                            "model config (diagnose and spectrum read it; loading a model needs a bshadow run)")
         if _EMBED not in src.names():
             raise UserError(f"{src.path}: no {_EMBED} in the params checkpoint")
         model = dict(src.model_section)
