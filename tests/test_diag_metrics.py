@@ -154,3 +154,101 @@ def test_values_mode_skips_the_vector_work(monkeypatch, method, backend):
         if c in ("base_overlap", "intruder_count", "subspace_rotation"):
             continue
         np.testing.assert_allclose(vals[c], v, rtol=2e-4, atol=1e-5, err_msg=c)
+
+
+# ------------------------------------------------------------------------------------------
+# pipeline: vectors.csv, footprint variants, values mode through the CLI
+# ------------------------------------------------------------------------------------------
+
+def _checkpoints(rng):
+    D, F, V = 8, 16, 20
+    base = {"model.embed_tokens.weight": rng.standard_normal((V, D)), "lm_head.weight": rng.standard_normal((V, D)),
+            "model.norm.weight": np.ones(D), "model.layers.0.input_layernorm.weight": rng.standard_normal(D),
+            "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((D, D)),
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((F, D)),
+            "model.layers.0.self_attn.q_proj.bias": rng.standard_normal(D),
+            "only_base.bias": np.ones(3), "mismatch.bias": np.ones(4)}
+    base = {k: np.asarray(v, np.float32) for k, v in base.items()}
+    tuned = {k: v + np.float32(0.1) * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+    tuned["model.norm.weight"] = base["model.norm.weight"].copy()  # unchanged vector
+    tuned["model.layers.0.self_attn.q_proj.bias"][:4] = base["model.layers.0.self_attn.q_proj.bias"][:4]
+    del tuned["only_base.bias"]
+    tuned["mismatch.bias"] = np.ones(5, np.float32)
+    return base, tuned
+
+
+def test_vectors_rows_footprint_variants_and_skipped():
+    from bshadow_jax import diagnostics
+
+    base, tuned = _checkpoints(np.random.default_rng(7))
+    res = diagnostics.diagnose(base, tuned, topk=2)
+    vec = {v["name"]: v for v in res.vectors}
+    assert set(vec) == {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+                        "model.layers.0.self_attn.q_proj.bias"}
+    for n, v in vec.items():
+        b, t = base[n].astype(np.float64), tuned[n].astype(np.float64)
+        assert v["size"] == b.size
+        assert v["base_norm"] == pytest.approx(np.linalg.norm(b), rel=1e-12)
+        assert v["delta_norm"] == pytest.approx(np.linalg.norm(t - b), rel=1e-12, abs=0)
+        assert v["cosine"] == pytest.approx(b @ t / np.linalg.norm(b) / np.linalg.norm(t), rel=1e-12)
+        assert v["update_sparsity"] == np.mean(base[n] == tuned[n])
+    assert vec["model.norm.weight"]["update_sparsity"] == 1.0 and vec["model.norm.weight"]["cosine"] == 1.0
+    assert vec["model.layers.0.self_attn.q_proj.bias"]["update_sparsity"] == 0.5
+    assert vec["model.layers.0.self_attn.q_proj.bias"]["module"] == "q_proj"
+    reasons = {s["name"]: s["reason"] for s in res.summary["skipped"]}
+    assert reasons == {"only_base.bias": "missing in tuned", "mismatch.bias": "shape mismatch: base [4] vs tuned [5]"}
+    assert res.summary["vectors"] == 3
+
+    # footprint variants from the rows, recomputed here in float64
+    e = {r["name"]: np.sum((tuned[r["name"]].astype(np.float64) - base[r["name"]]) ** 2) for r in res.rows}
+    blocks = [n for n in e if "embed" not in n and "lm_head" not in n]
+    s = np.array([e[n] for n in blocks]) / sum(e[n] for n in blocks)
+    fb = res.summary["footprint_blocks_only"]
+    assert fb["matrices"] == 2
+    assert fb["entropy"] == pytest.approx(-np.sum(s * np.log(s)) / np.log(2), rel=1e-4)
+    assert fb["energy_share"] == pytest.approx(sum(e[n] for n in blocks) / sum(e.values()), rel=1e-4)
+    dens = np.array([e[r["name"]] / (r["rows"] * r["cols"]) for r in res.rows])
+    dens /= dens.sum()
+    fpp = res.summary["footprint_per_parameter"]
+    assert fpp["matrices"] == 4
+    assert fpp["entropy"] == pytest.approx(-np.sum(dens * np.log(dens)) / np.log(4), rel=1e-4)
+    srt = np.sort(dens)[::-1]
+    assert fpp["matrices_for_90pct"] == (np.searchsorted(np.cumsum(srt), 0.9) + 1) / 4
+    # group means cover the new columns
+    assert res.summary["by_module"]["q_proj"]["cosine"] == pytest.approx(res.rows[[r["module"] for r in res.rows].index("q_proj")]["cosine"])
+
+
+def test_values_mode_cli_writes_empty_vector_cells(tmp_path):
+    import csv
+    import json
+
+    from safetensors.numpy import save_file
+
+    from bshadow_jax.cli import main
+
+    base, tuned = _checkpoints(np.random.default_rng(8))
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    outs = {}
+    for mode in ("values", "all"):
+        out = tmp_path / mode
+        assert main(["diagnose", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(out),
+                     "--metrics", mode]) == 0
+        with open(out / "metrics.csv") as f:
+            outs[mode] = list(csv.DictReader(f))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["metrics"] == mode
+        with open(out / "vectors.csv") as f:
+            vrows = list(csv.DictReader(f))
+        assert list(vrows[0]) == ["name", "component", "layer", "module", "size", "base_norm", "delta_norm",
+                                  "rel_delta", "cosine", "update_sparsity", "update_sparsity_bf16"]
+        assert len(vrows) == 3
+    for rv, ra in zip(outs["values"], outs["all"]):
+        for c in ("base_overlap", "intruder_count", "subspace_rotation"):
+            assert rv[c] == "" and ra[c] != "", c
+        for c in ("delta_fro", "delta_effective_rank", "cosine", "update_sparsity", "rel_delta"):
+            assert float(rv[c]) == pytest.approx(float(ra[c]), rel=1e-4, abs=1e-6), c
+    assert summary["by_module"]["q_proj"]["base_overlap"] is not None
+    values_summary = json.loads((tmp_path / "values" / "summary.json").read_text())
+    assert values_summary["by_module"]["q_proj"]["base_overlap"] is None
+    assert values_summary["not_computed"] == ["base_overlap", "subspace_rotation", "intruder_count"]

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prefix rule applied to TUNED names before pairing, e.g. model.language_model.=model. (repeatable)",
     )
     d.add_argument("--batch-budget-mb", type=float, default=512.0, help="memory budget for one stack of matrices")
+    d.add_argument(
+        "--metrics", choices=("all", "values"), default="all",
+        help="all (default): every column; values: only what singular values and norms give, skipping the "
+             "decompositions of BASE and TUNED (base_overlap, intruder_count, subspace_rotation left empty)",
+    )
     d.set_defaults(handler=_run_diagnose)
 
     s = sub.add_parser(
