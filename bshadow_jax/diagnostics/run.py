@@ -15,7 +15,7 @@ import numpy as np
 from bshadow_jax import fileio
 from bshadow_jax.diagnostics import footprint, names, plan, registry, stacks
 from bshadow_jax.diagnostics import mesh as meshlib
-from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
+from bshadow_jax.diagnostics.powerlaw import mp_fit, ww_metrics_from_sv
 from bshadow_jax.diagnostics.report import write_report
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 from bshadow_jax.errors import UserError, refuse_pickle
@@ -30,9 +30,10 @@ DIAGNOSE_COLS = ("base_fro", "delta_fro", "rel_delta") + DELTA_SV_COLS + (
     "update_sparsity_bf16")
 VECTOR_CSV_COLS = ("name", "component", "layer", "module", "size", "base_norm", "delta_norm", "rel_delta", "cosine",
                    "update_sparsity", "update_sparsity_bf16")
-WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted")
+WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted", "xmin", "D", "num_spikes", "mp_softrank")
 SPECTRUM_COLS = SV_METRICS + WW_COLS
-INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count"}
+INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count",
+            "num_spikes"}
 
 
 @dataclasses.dataclass
@@ -76,7 +77,7 @@ def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra
             if c in res.columns:
                 row[c] = _num(res.columns[c][i], c)
         if extra is not None:
-            row.update(extra(res.sv[i]))
+            row.update(extra(res.sv[i], it))
         rows.append(row)
         spectra[it.name] = np.asarray(res.sv[i])
 
@@ -272,8 +273,10 @@ def diagnose_checkpoints(base_path, tuned_path, **kw) -> DiagnoseResult:
 # spectrum
 # ------------------------------------------------------------------------------------------
 
-def _ww(sv) -> dict:
-    m = ww_metrics_from_sv(np.asarray(sv, np.float64))
+def _ww(sv, item) -> dict:
+    sv = np.asarray(sv, np.float64)
+    m = ww_metrics_from_sv(sv)
+    m.update(mp_fit(sv * sv, max(item.shape), min(item.shape)))
     return {c: float(m[c]) for c in WW_COLS}
 
 
