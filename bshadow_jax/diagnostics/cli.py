@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="spectral footprint of the fine-tuning delta between two checkpoints",
         description=(
             "Compare TUNED against BASE tensor by tensor (dW = W_tuned - W_base) and write "
-            "metrics.csv (one row per matrix), summary.json (footprint, groups, skipped), "
+            "metrics.csv (one row per matrix), vectors.csv (one row per 1-D tensor), summary.json "
+            "(footprint, groups, skipped), "
             "report.md and PNG figures to --out. Checkpoints may be Hugging Face folders, "
             ".safetensors or .gguf files, bshadow run folders or orbax step folders."
         ),
