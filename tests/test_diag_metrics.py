@@ -252,3 +252,29 @@ def test_values_mode_cli_writes_empty_vector_cells(tmp_path):
     values_summary = json.loads((tmp_path / "values" / "summary.json").read_text())
     assert values_summary["by_module"]["q_proj"]["base_overlap"] is None
     assert values_summary["not_computed"] == ["base_overlap", "subspace_rotation", "intruder_count"]
+
+
+@pytest.mark.parametrize("method,backend", PATHS)
+def test_directions_a_float32_gram_cannot_resolve_are_recomputed_exactly(method, backend):
+    """A rank-3 base (top-8 values 4..8 are zero) and a delta whose second direction has
+    sigma_2 = 5e-4 sigma_1: defined (> 1e-4) but below a float32 Gram's ~1.4e-3 floor. The Gram
+    paths must redo those pairs exactly and still give the definitions' values."""
+    rng = np.random.default_rng(9)
+    m, n = 48, 40
+    b1 = rng.standard_normal((m, 3)) @ rng.standard_normal((3, n))
+    t1 = b1 + 0.05 * rng.standard_normal((m, n))
+    b2 = planted(rng, (m, n), 0.8, 10.0)
+    u, _ = np.linalg.qr(rng.standard_normal((m, 2)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, 2)))
+    t2 = b2 + (u * [1.0, 5e-4]) @ v.T
+    b, t = np.stack([b1, b2]).astype(np.float32), np.stack([t1, t2]).astype(np.float32)
+    got = stacks.pair_stack(b, t, topk=8, method=method, eig_backend=backend, mesh=one_device_mesh())
+    for i in range(2):
+        ref = ref_metrics(b[i], t[i], 8)
+        for c in VECTOR_COLS:
+            np.testing.assert_allclose(got[c][i], ref[c], atol=2e-4, err_msg=f"{c} pair {i}")
+    if method == "gram":
+        assert got.redo_vectors[0]  # the rank-3 base, on both Gram variants
+        assert got.redo_vectors[1] == (backend == "jax")  # a float64 Gram resolves the delta on CPU
+    else:
+        assert not got.redo_vectors.any()
