@@ -224,11 +224,13 @@ def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, 
     for shape, r in pick.items():
         b32, t32 = get_tensor(base, bmap[r["name"]], r["name"]), get_tensor(tuned, tmap[r["name"]], r["name"])
         b, t, d = b32.astype(np.float64), t32.astype(np.float64), (t32 - b32).astype(np.float64)  # float32 delta, as bshadow
-        ub, _, _ = np.linalg.svd(b, full_matrices=False)
+        ub, sb, _ = np.linalg.svd(b, full_matrices=False)
         ut, _, _ = np.linalg.svd(t, full_matrices=False)
-        ud, _, _ = np.linalg.svd(d, full_matrices=False)
+        ud, sd, _ = np.linalg.svd(d, full_matrices=False)
         K, T = min(topk, min(shape)), min(10, min(shape))
-        overlap = float(np.sum((ub[:, :K].T @ ud[:, :K]) ** 2) / K)
+        kb, kd = int(np.sum(sb[:K] > 1e-4 * sb[0])), int(np.sum(sd[:K] > 1e-4 * sd[0]))  # defined vectors
+        r = min(kb, kd)
+        overlap = float(np.sum((ub[:, :kb].T @ ud[:, :kd]) ** 2) / r) if r else 0.0
         intruders = int(np.sum(np.max(np.abs(ut[:, :T].T @ ub), axis=1) < 0.5))
         worst_overlap = max(worst_overlap, abs(overlap - float(r["base_overlap"])))
         if intruders != int(float(r["intruder_count"])):

@@ -340,6 +340,7 @@ def bench_diagnose(dims: dict, *, dtype_name: str, budget_mb: float, precision: 
     out = {
         "dims": dims, "storage_dtype": dtype_name, "budget_mb": budget_mb, "matmul_precision": precision,
         "matrices": len(rows), "skipped": len(res.summary.get("skipped", [])),
+        "vectors": len(getattr(res, "vectors", [])),
         "bytes_per_side": n_bytes, "params_per_side": int(sum(x.size for x in base.values())),
         "generate_s": gen_s, "diagnose_s": diag_s,
         "matrices_per_s": len(rows) / diag_s if diag_s > 0 else None,

@@ -62,8 +62,10 @@ def test_diagnose_pytrees_rows_and_summary():
         d = np.asarray(tuned[r["name"]], np.float64) - flatten_tree(base)[r["name"]]
         assert r["delta_fro"] == pytest.approx(np.linalg.norm(d), rel=1e-5)
         assert r["delta_spectral_norm"] == pytest.approx(np.linalg.norm(d, 2), rel=1e-4)
-    reasons = {s["name"]: s["reason"] for s in res.summary["skipped"]}
-    assert "1-D" in reasons["model.norm.weight"]
+    # 1-D tensors (norms) are measured in vectors.csv, no longer skipped
+    assert not res.summary["skipped"]
+    assert {v["name"] for v in res.vectors} == {"model.norm.weight"} | {
+        f"model.layers.{i}.input_layernorm.weight" for i in range(L)}
     fp = res.summary["footprint"]
     assert 0 < fp["entropy"] <= 1 and 0 <= fp["gini"] < 1 and 0 < fp["matrices_for_90pct"] <= 1
     assert set(res.summary["by_layer"]) == {"0", "1", "none"}

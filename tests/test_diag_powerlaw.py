@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bshadow_jax.diagnostics.powerlaw import (
+    mp_fit,
     ww_metrics,
     ww_metrics_from_sv,
     ww_metrics_stack,
@@ -57,7 +58,7 @@ def ww_reference():
         with torch.no_grad():
             lin.weight.copy_(torch.tensor(w, dtype=torch.float32))
         model.add_module(name, lin)
-    details = ww.WeightWatcher(model=model).analyze()
+    details = ww.WeightWatcher(model=model).analyze(mp_fit=True)  # mp_fit adds num_spikes, mp_softrank
     ref = {row["name"]: row for row in details.to_dict("records")}
     # what WW actually analysed: the float32 weights, upcast (W.astype(float))
     w32 = {name: getattr(model, name).weight.detach().numpy().astype(np.float64) for name in weights}
@@ -75,6 +76,36 @@ def test_matches_weightwatcher_per_layer(ww_reference):
             # same algorithm in float64; differences are LAPACK/summation-order round-off
             np.testing.assert_allclose(ours[key], float(theirs[key]), rtol=1e-8, atol=1e-10,
                                        err_msg=f"{name}.{key}")
+
+
+def test_mp_fit_matches_weightwatcher(ww_reference):
+    ref, w32 = ww_reference
+    for name, w in w32.items():
+        ours = mp_fit(scipy.linalg.svdvals(w) ** 2, max(w.shape), min(w.shape))
+        theirs = ref[name]
+        assert ours["num_spikes"] == theirs["num_spikes"], name
+        np.testing.assert_allclose(ours["mp_softrank"], theirs["mp_softrank"], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours["sigma_mp"], theirs["sigma_mp"], rtol=1e-6, err_msg=name)
+    assert any(ref[n]["num_spikes"] > 0 for n in w32)  # the heavy-tailed layers have spikes: the count is tested
+    assert mp_fit(np.zeros(8), 16, 8)["num_spikes"] == -1  # a zero matrix: failed fit
+
+
+def test_spectrum_columns_match_weightwatcher_and_write_esd_fits(ww_reference, tmp_path):
+    from bshadow_jax import diagnostics
+
+    ref, w32 = ww_reference
+    params = {f"{n}.weight": w.astype(np.float32) for n, w in w32.items() if n in ("gauss", "student", "wide", "small")}
+    res = diagnostics.spectrum(params)
+    for r in res.rows:
+        theirs = ref[r["name"].removesuffix(".weight")]
+        for c, tol in (("alpha", 1e-3), ("xmin", 1e-3), ("D", 1e-2), ("mp_softrank", 1e-3)):
+            np.testing.assert_allclose(r[c], float(theirs[c]), rtol=tol, err_msg=f"{r['name']} {c}")
+        assert r["num_spikes"] == theirs["num_spikes"], r["name"]
+    diagnostics.write_outputs(res, tmp_path / "spec")
+    fits = sorted((tmp_path / "spec" / "esd_fits").glob("*.png"))
+    assert len(fits) == 4
+    md = (tmp_path / "spec" / "report.md").read_text()
+    assert "## ESD fits" in md and all(f"esd_fits/{f.name}" in md for f in fits)
 
 
 def test_eigenvalue_and_sv_entry_points_agree(ww_reference):

@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="spectral footprint of the fine-tuning delta between two checkpoints",
         description=(
             "Compare TUNED against BASE tensor by tensor (dW = W_tuned - W_base) and write "
-            "metrics.csv (one row per matrix), summary.json (footprint, groups, skipped), "
+            "metrics.csv (one row per matrix), vectors.csv (one row per 1-D tensor), summary.json "
+            "(footprint, groups, skipped), "
             "report.md and PNG figures to --out. Checkpoints may be Hugging Face folders, "
             ".safetensors or .gguf files, bshadow run folders, or any orbax checkpoint (a step folder, "
             "or a CheckpointManager folder: its latest finished step) written by any JAX stack."
@@ -27,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prefix rule applied to TUNED names before pairing, e.g. model.language_model.=model. (repeatable)",
     )
     d.add_argument("--batch-budget-mb", type=float, default=512.0, help="memory budget for one stack of matrices")
+    d.add_argument(
+        "--metrics", choices=("all", "values"), default="all",
+        help="all (default): every column; values: only what singular values and norms give, skipping the "
+             "decompositions of BASE and TUNED (base_overlap, intruder_count, subspace_rotation left empty)",
+    )
     _layout_options(d)
     d.set_defaults(handler=_run_diagnose)
 

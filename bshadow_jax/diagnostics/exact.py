@@ -14,7 +14,7 @@ import numpy as np
 from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics import registry
 from bshadow_jax.diagnostics.kernels import (PairColumns, SingleColumns, fro, intruders, matrix_user_metrics,
-                                             overlap, pair_setup, sizes)
+                                             pair_setup, sizes, subspace_metrics)
 
 
 class ExactPairMetrics(NamedTuple):
@@ -24,14 +24,22 @@ class ExactPairMetrics(NamedTuple):
         user: registered "matrix" metrics of the delta, by name.
         base_fro: ||W_base||_F.
         base_overlap: top-K overlap of base and delta left singular vectors.
+        subspace_rotation: how far the top-K left subspace of the weights turned.
         intruder_count: intruders among the tuned top-10 left vectors.
         sv: every singular value of the delta, descending.
     """
     user: dict
     base_fro: jax.Array
     base_overlap: jax.Array
+    subspace_rotation: jax.Array
     intruder_count: jax.Array
     sv: jax.Array
+
+
+def tuned_vectors(k: int, topk: int) -> int:
+    """How many top left vectors of W_tuned the pair metrics use: T (intruders) and K (rotation)."""
+    _, K, T = sizes((k, k), topk)
+    return max(T, K)
 
 
 def exact_metrics(b, d, ub, sb, ut_MxT, st_T, ud_MxK, sd, topk: int) -> ExactPairMetrics:
@@ -40,25 +48,27 @@ def exact_metrics(b, d, ub, sb, ut_MxT, st_T, ud_MxK, sd, topk: int) -> ExactPai
     Args:
         b, d: float32 W_base and delta.
         ub, sb: every left singular vector and value of W_base.
-        ut_MxT, st_T: top-T left vectors and values of W_tuned.
+        ut_MxT, st_T: top-max(T, K) left vectors and values of W_tuned (tuned_vectors).
         ud_MxK, sd: top-K left vectors and every singular value of the delta.
         topk: K before clipping to the matrix size.
 
     Returns:
         ExactPairMetrics of the pair.
     """
-    _, K, _ = sizes(b.shape, topk)
-    count, _ = intruders(ut_MxT, st_T, ub, sb, sb[0], complete=True)
-    return ExactPairMetrics(user=matrix_user_metrics(d), base_fro=fro(b),
-                            base_overlap=overlap(ub, sb, ud_MxK, sd, K), intruder_count=count, sv=sd)
+    _, K, T = sizes(b.shape, topk)
+    count, _ = intruders(ut_MxT[:, :T], st_T[:T], ub, sb, sb[0], complete=True)
+    ov, rot = subspace_metrics(ub, sb, ud_MxK, sd, ut_MxT, st_T, K)
+    return ExactPairMetrics(user=matrix_user_metrics(d), base_fro=fro(b), base_overlap=ov, subspace_rotation=rot,
+                            intruder_count=count, sv=sd)
 
 
 def _exact_pair_one(b, t, topk: int) -> ExactPairMetrics:
     b, t, d, k, K, T = pair_setup(b, t, topk)
+    J = tuned_vectors(k, topk)
     ub, sb, _ = jnp.linalg.svd(b, full_matrices=False)
     ut, st, _ = jnp.linalg.svd(t, full_matrices=False)
     ud, sd, _ = jnp.linalg.svd(d, full_matrices=False)
-    return exact_metrics(b, d, ub, sb, ut[:, :T], st[:T], ud[:, :K], sd, topk)
+    return exact_metrics(b, d, ub, sb, ut[:, :J], st[:J], ud[:, :K], sd, topk)
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,9 +81,10 @@ def jitted_exact_metrics(topk: int, reg_key):
 def columns(out: ExactPairMetrics, B: int) -> PairColumns:
     """PairColumns of the first B pairs of stacked exact metrics (nothing is ever redone)."""
     return PairColumns(base_fro=np.asarray(out.base_fro)[:B], base_overlap=np.asarray(out.base_overlap)[:B],
+                       subspace_rotation=np.asarray(out.subspace_rotation)[:B],
                        intruder_count=np.asarray(out.intruder_count)[:B], sv=np.asarray(out.sv, np.float64)[:B],
                        user={name: np.asarray(v)[:B] for name, v in out.user.items()},
-                       redo_sv=np.zeros(B, bool), redo_intruders=np.zeros(B, bool))
+                       redo_sv=np.zeros(B, bool), redo_intruders=np.zeros(B, bool), redo_vectors=np.zeros(B, bool))
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,7 +6,10 @@ accurate as the exact path's wherever they are well defined (separated singular 
 delta's small singular values are guarded: a float32 Gram resolves eigenvalues only down to
 about GRAM_REL_ERR * lambda_max, so when the bound on the resulting S1 error
 (sum of min(sqrt(d), d / sigma_i)) exceeds SMALL_SV_TOL * S1 the singular values are
-recomputed by an exact SVD. Low-rank deltas always take that route.
+recomputed by an exact SVD. Low-rank deltas always take that route. The same floor limits the
+vectors: a top-K singular value below GRAM_VEC_FLOOR * sigma_1 may still be defined (above
+kernels.DEFINED_REL * sigma_1) with an inaccurate vector, so such pairs (kernels.vectors_unresolved)
+get base_overlap, subspace_rotation and intruder_count from exact SVDs instead.
 
 The host variant (diagnostics/host.py) shares gram_smaller, the guard (sv_from_eigs) and the
 jitted Gram of single matrices.
@@ -24,7 +27,7 @@ import numpy as np
 from bshadow_jax.diagnostics import exact, registry
 from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.kernels import (PairColumns, SingleColumns, fro, intruders, matrix_user_metrics,
-                                             overlap, pair_setup, valid_vectors)
+                                             pair_setup, subspace_from_cosines, valid_vectors, vectors_unresolved)
 
 GRAM_REL_ERR = 2e-6  # calibrated bound of |lambda_hat - lambda| / lambda_max for float32 Grams (x10 safety)
 GRAM_VEC_FLOOR = math.sqrt(GRAM_REL_ERR)  # sigma / sigma_1 below this: direction undefined in a float32 Gram
@@ -37,13 +40,20 @@ class GramPairMetrics(NamedTuple):
     Fields:
         lam: eigenvalues of the delta's float32 Gram, ascending (as eigvalsh returns them).
         user: registered "matrix" metrics of the delta, by name.
-        base_fro, base_overlap, intruder_count: as in kernels.PairColumns.
+        base_fro, intruder_count: as in kernels.PairColumns.
+        cos_bd, cos_bt: [K, K] cosines U_base^T U_delta and U_base^T U_tuned (top-K left vectors).
+        sb, st: top-K singular values of W_base and W_tuned; sb1, st1: their sigma_1.
     """
     lam: jax.Array
     user: dict
     base_fro: jax.Array
-    base_overlap: jax.Array
     intruder_count: jax.Array
+    cos_bd: jax.Array
+    cos_bt: jax.Array
+    sb: jax.Array
+    sb1: jax.Array
+    st: jax.Array
+    st1: jax.Array
 
 
 def gram_smaller(w):
@@ -96,11 +106,50 @@ def sv_from_eigs(lam_BxK, inner_dim: int):
 def _gram_pair_one(b, t, topk: int) -> GramPairMetrics:
     b, t, d, k, K, T = pair_setup(b, t, topk)
     ub, sb, _ = gram_left(b, k)
-    ut, st, _ = gram_left(t, T)
+    ut, st, _ = gram_left(t, max(T, K))
     ud, sd, lam_d = gram_left(d, K)
-    count, _ = intruders(ut, st[:T], ub, sb, sb[0], complete=True, rel_floor=GRAM_VEC_FLOOR)
-    return GramPairMetrics(lam=lam_d[::-1], user=matrix_user_metrics(d), base_fro=fro(b),
-                           base_overlap=overlap(ub, sb, ud, sd, K, GRAM_VEC_FLOOR), intruder_count=count)
+    count, _ = intruders(ut[:, :T], st[:T], ub, sb, sb[0], complete=True, rel_floor=GRAM_VEC_FLOOR)
+    return GramPairMetrics(lam=lam_d[::-1], user=matrix_user_metrics(d), base_fro=fro(b), intruder_count=count,
+                           cos_bd=ub[:, :K].T @ ud[:, :K], cos_bt=ub[:, :K].T @ ut[:, :K],
+                           sb=sb[:K], sb1=sb[0], st=st[:K], st1=st[0])
+
+
+def finish_vectors(out, sv, redo_sv, base_BxMxN, tuned_BxMxN, redo_exact, *, floor: float, delta_floor: float):
+    """base_overlap and subspace_rotation from Gram-path cosines and values, the unresolved pairs
+    (kernels.vectors_unresolved) redone exactly.
+
+    Args:
+        out: the path's stacked metrics with cos_bd, cos_bt, sb, sb1, st, st1 (first B rows used).
+        sv: [B, k] singular values of the deltas (exact where redo_sv).
+        redo_sv: [B] bool, or None for values that are always exact.
+        base_BxMxN, tuned_BxMxN: the host stacks (for the exact redo).
+        redo_exact: f(base, tuned) -> metrics with base_overlap, subspace_rotation, intruder_count.
+        floor: resolution of the base and tuned vectors (relative to sigma_1).
+        delta_floor: resolution of the delta's vectors.
+
+    Returns:
+        (base_overlap, subspace_rotation, redo_vectors [B] bool, exact metrics of the redone
+        pairs or None).
+    """
+    B = sv.shape[0]
+    K = np.asarray(out.sb).shape[1]
+    sb, sb1 = np.asarray(out.sb)[:B], np.asarray(out.sb1)[:B]
+    st, st1 = np.asarray(out.st)[:B], np.asarray(out.st1)[:B]
+    sd = sv[:, :K]
+    exact_d = np.ones(B, bool) if redo_sv is None else redo_sv
+    doubt = vectors_unresolved(sb, sb1, floor, exact_values=False) | vectors_unresolved(st, st1, floor, exact_values=False)
+    doubt |= np.where(exact_d, vectors_unresolved(sd, sv[:, 0], delta_floor, exact_values=True),
+                      vectors_unresolved(sd, sv[:, 0], delta_floor, exact_values=False))
+    ov, rot = subspace_from_cosines(np.asarray(out.cos_bd)[:B], np.asarray(out.cos_bt)[:B], sb, sb1,
+                                    sd.astype(np.float32), sv[:, 0].astype(np.float32), st, st1)
+    ov, rot = np.array(ov), np.array(rot)
+    redo = np.nonzero(doubt)[0]
+    ex = None
+    if redo.size:
+        ex = redo_exact(base_BxMxN[redo], tuned_BxMxN[redo])
+        ov[redo] = np.asarray(ex.base_overlap)[:redo.size]
+        rot[redo] = np.asarray(ex.subspace_rotation)[:redo.size]
+    return ov, rot, doubt, (redo, ex)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,10 +185,18 @@ def device_pairs(base_BxMxN, tuned_BxMxN, *, topk: int, mesh, pad_to: int) -> Pa
         sv[redo] = exact.svdvals(d, mesh)
     redo_sv = np.zeros(B, bool)
     redo_sv[redo] = True
-    return PairColumns(base_fro=np.asarray(out.base_fro)[:B], base_overlap=np.asarray(out.base_overlap)[:B],
-                       intruder_count=np.asarray(out.intruder_count)[:B], sv=sv,
-                       user={name: np.asarray(v)[:B] for name, v in out.user.items()},
-                       redo_sv=redo_sv, redo_intruders=np.zeros(B, bool))
+
+    def redo_exact(b_, t_):
+        return exact.device_pairs(b_, t_, topk=topk, mesh=mesh, pad_to=0)
+
+    ov, rot, redo_vec, (vec_rows, ex) = finish_vectors(out, sv, redo_sv, base_BxMxN, tuned_BxMxN, redo_exact,
+                                                       floor=GRAM_VEC_FLOOR, delta_floor=GRAM_VEC_FLOOR)
+    count = np.array(out.intruder_count)[:B]
+    if ex is not None:  # the exact pairs' intruder tests come for free
+        count[vec_rows] = ex.intruder_count
+    return PairColumns(base_fro=np.asarray(out.base_fro)[:B], base_overlap=ov, subspace_rotation=rot,
+                       intruder_count=count, sv=sv, user={name: np.asarray(v)[:B] for name, v in out.user.items()},
+                       redo_sv=redo_sv, redo_intruders=np.zeros(B, bool), redo_vectors=redo_vec)
 
 
 def _single_eigs_one(w):
@@ -197,4 +254,4 @@ def device_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
     redo = np.nonzero(~ok)[0]
     if redo.size:
         sv[redo] = exact.svdvals(w_BxMxN[redo].astype(np.float32), mesh)
-    return SingleColumns(user={name: np.asarray(v)[:B] for name, v in user.items()}, sv=sv)
+    return SingleColumns(user={name: np.asarray(v)[:B] for name, v in user.items()}, sv=sv, redo_sv=~ok)

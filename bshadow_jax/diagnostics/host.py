@@ -7,8 +7,12 @@ only the metric math jitted.
 * partial ("gram"): only what the metrics use, with the GIL-free LAPACK of
   diagnostics/lapack.py: every singular value of the delta from one float64 Gram (exact to
   ~1e-8 sigma_1, so never guarded), its top-K vectors from the same tridiagonalisation, the
-  top-10 tuned and top-HOST_BASE_VECTORS base vectors from partial eigh of float32 Grams;
-  intruder tests those base vectors cannot decide are redone exactly.
+  top-max(10, K) tuned and top-HOST_BASE_VECTORS base vectors from partial eigh of float32 Grams;
+  intruder tests those base vectors cannot decide, and pairs whose top-K base or tuned vectors
+  the float32 Gram cannot resolve (kernels.vectors_unresolved), are redone exactly.
+
+Values only (no vectors): SciPy's svdvals of the delta (exact) or every singular value from
+its float64 Gram (gram64_singles).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from bshadow_jax.diagnostics import exact, gram, lapack, registry
 from bshadow_jax.diagnostics import mesh as meshlib
-from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, intruders, matrix_user_metrics, overlap, sizes
+from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, intruders, matrix_user_metrics, sizes
 
 HOST_BASE_VECTORS = 32  # base left vectors searched for each tuned top-10 vector; undecided -> exact
 GRAM64_VEC_FLOOR = 1e-6  # sigma / sigma_1 below this: direction undefined in a float64 Gram
@@ -79,11 +83,12 @@ def _pair_decompositions(pair, topk: int):
     """The arguments of exact.exact_metrics for one (base, tuned) pair, from three host SVDs."""
     b, t = (np.asarray(x, np.float32) for x in pair)
     d = t - b
-    _, K, T = sizes(b.shape, topk)
+    k, K, _ = sizes(b.shape, topk)
+    J = exact.tuned_vectors(k, topk)
     ub, sb, _ = _svd(b)
     ut, st, _ = _svd(t)
     ud, sd, _ = _svd(d)
-    return b, d, ub, sb, ut[:, :T], st[:T], ud[:, :K], sd
+    return b, d, ub, sb, ut[:, :J], st[:J], ud[:, :K], sd
 
 
 def exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk: int) -> exact.ExactPairMetrics:
@@ -224,7 +229,7 @@ class PartialFactors(NamedTuple):
     Fields:
         base_fro: ||W_base||_F [B].
         ub_BxMxR, sb_BxR: top-R left vectors and values of W_base.
-        ut_BxMxT, st_BxT: top-T left vectors and values of W_tuned.
+        ut_BxMxT, st_BxT: top-max(T, K) left vectors and values of W_tuned.
         ud_BxMxK, sd_BxK: top-K left vectors and every singular value (k of them) of the delta.
     """
     base_fro: np.ndarray
@@ -240,7 +245,8 @@ def _partial_decompositions(base_BxMxN, tuned_BxMxN, topk: int) -> PartialFactor
     """What the pair metrics need, and no more, as three independent tasks per pair (delta,
     base, tuned) so that even a one-pair chunk (an embedding) keeps every core busy."""
     B = len(base_BxMxN)
-    _, K, T, R = _partial_sizes(base_BxMxN.shape[1:], topk)
+    k, K, _, R = _partial_sizes(base_BxMxN.shape[1:], topk)
+    T = exact.tuned_vectors(k, topk)
     tasks = []
     for i in range(B):  # the float64 delta, the longest, first
         tasks += [functools.partial(_delta_task, base_BxMxN[i], tuned_BxMxN[i], K),
@@ -258,20 +264,29 @@ class PartialPairMetrics(NamedTuple):
 
     Fields:
         decided: the intruder test was decided by the top-R base vectors.
-        base_fro, base_overlap, intruder_count: as in kernels.PairColumns.
+        base_fro, intruder_count: as in kernels.PairColumns.
+        cos_bd, cos_bt, sb, sb1, st, st1: as in gram.GramPairMetrics.
     """
     decided: jax.Array
     base_fro: jax.Array
-    base_overlap: jax.Array
     intruder_count: jax.Array
+    cos_bd: jax.Array
+    cos_bt: jax.Array
+    sb: jax.Array
+    sb1: jax.Array
+    st: jax.Array
+    st1: jax.Array
 
 
 def _partial_metrics(base_fro, ub_MxR, sb_R, ut_MxT, st_T, ud_MxK, sd, topk: int, complete: bool):
-    K = max(1, min(topk, ub_MxR.shape[0], sd.shape[0]))
-    count, decided = intruders(ut_MxT, st_T, ub_MxR, sb_R, sb_R[0], complete=complete, rel_floor=gram.GRAM_VEC_FLOOR)
+    k = sd.shape[0]
+    _, K, T = sizes((k, k), topk)
+    count, decided = intruders(ut_MxT[:, :T], st_T[:T], ub_MxR, sb_R, sb_R[0], complete=complete,
+                               rel_floor=gram.GRAM_VEC_FLOOR)
     return PartialPairMetrics(
         decided=decided, base_fro=base_fro, intruder_count=count,
-        base_overlap=overlap(ub_MxR, sb_R, ud_MxK, sd, K, gram.GRAM_VEC_FLOOR, GRAM64_VEC_FLOOR))
+        cos_bd=ub_MxR[:, :K].T @ ud_MxK[:, :K], cos_bt=ub_MxR[:, :K].T @ ut_MxT[:, :K],
+        sb=sb_R[:K], sb1=sb_R[0], st=st_T[:K], st1=st_T[0])
 
 
 @functools.lru_cache(maxsize=64)
@@ -311,16 +326,26 @@ def partial_pairs(base_BxMxN, tuned_BxMxN, *, topk: int) -> PairColumns:
     user = {}
     if registry.registered_metrics("matrix"):
         user = jax.device_get(_jitted_delta_matrix_metrics(registry.cache_key())(base_BxMxN, tuned_BxMxN))
-    undecided = np.nonzero(~np.asarray(out.decided))[0]
+    sv = np.asarray(factors.sd_BxK, np.float64)
+
+    def redo_exact(b_, t_):
+        return exact_pair_metrics(b_, t_, topk)
+
+    # the delta's values come from a float64 Gram (exact) and its vectors are resolved down to
+    # GRAM64_VEC_FLOOR < DEFINED_REL: only base and tuned vectors can be in doubt
+    ov, rot, redo_vec, (vec_rows, ex) = gram.finish_vectors(out, sv, None, base_BxMxN, tuned_BxMxN, redo_exact,
+                                                            floor=gram.GRAM_VEC_FLOOR, delta_floor=GRAM64_VEC_FLOOR)
     count = np.array(out.intruder_count)
+    if ex is not None:
+        count[vec_rows] = ex.intruder_count
+    undecided = np.nonzero(~np.asarray(out.decided) & ~redo_vec)[0]
     if undecided.size:
         count[undecided] = exact_pair_metrics(base_BxMxN[undecided], tuned_BxMxN[undecided], topk).intruder_count
     redo_intruders = np.zeros(B, bool)
     redo_intruders[undecided] = True
-    return PairColumns(base_fro=np.asarray(out.base_fro), base_overlap=np.asarray(out.base_overlap),
-                       intruder_count=count, sv=np.asarray(factors.sd_BxK, np.float64),
-                       user={name: np.asarray(v) for name, v in user.items()},
-                       redo_sv=np.zeros(B, bool), redo_intruders=redo_intruders)
+    return PairColumns(base_fro=np.asarray(out.base_fro), base_overlap=ov, subspace_rotation=rot,
+                       intruder_count=count, sv=sv, user={name: np.asarray(v) for name, v in user.items()},
+                       redo_sv=np.zeros(B, bool), redo_intruders=redo_intruders, redo_vectors=redo_vec)
 
 
 def _eigvalsh_desc(g):
@@ -331,6 +356,27 @@ def _eigvalsh_desc(g):
 def _gram64_sv(w):
     """Singular values from a float64 Gram (host): exact to ~1e-8 sigma_1, cheaper than gesdd."""
     return np.sqrt(np.maximum(np.linalg.eigvalsh(_gram64(np.asarray(w, np.float32)))[::-1], 0.0)) + 0.0
+
+
+def gram64_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
+    """Every singular value of a stack from float64 Grams on the host (exact to ~1e-8 sigma_1,
+    as the partial path's delta values: never guarded) and registered matrix metrics (jitted).
+
+    Args:
+        w_BxMxN: host stack.
+        mesh: mesh the matrix metrics are sharded over, or None.
+        pad_to: pad the stack to at least this length for the jitted part.
+
+    Returns:
+        SingleColumns of the B matrices.
+    """
+    B = w_BxMxN.shape[0]
+    user = {}
+    if registry.registered_metrics("matrix"):
+        Bp = meshlib.padded_size(max(B, pad_to), mesh)
+        out = jax.device_get(_jitted_matrix_metrics(mesh, registry.cache_key())(meshlib.put_padded(w_BxMxN, Bp, mesh)))
+        user = {name: np.asarray(v)[:B] for name, v in out.items()}
+    return SingleColumns(user=user, sv=np.stack(host_map(_gram64_sv, list(w_BxMxN))))
 
 
 def gram_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
@@ -352,4 +398,4 @@ def gram_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
     redo = np.nonzero(~ok)[0]
     if redo.size:
         sv[redo] = np.stack(host_map(_gram64_sv, list(w_BxMxN[redo].astype(np.float32))))
-    return SingleColumns(user=user, sv=sv)
+    return SingleColumns(user=user, sv=sv, redo_sv=~ok)

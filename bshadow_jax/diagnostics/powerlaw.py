@@ -22,6 +22,14 @@ layer with its defaults (read from its source, 0.7.7):
   alpha · log_spectral_norm, log_alpha_norm = log10 Σ λ^alpha, stable_rank = Σλ / λmax.
 * A failed fit (fewer than two eigenvalues above the threshold, or a NaN alpha) reports alpha = D = xmin =
   sigma = num_pl_spikes = -1, as WW does.
+* Marchenko-Pastur fit (``mp_fit``; WW's ``analyze(mp_fit=True)``, ``WeightWatcher.mp_fit`` with
+  ``rescale=True``): the ESD is rescaled to mean 1 (``Wscale² = M / Σλ``), a linear-kernel KDE
+  (bandwidth 0.1, 1000 points on [0, max + 0.5], points of density <= 0.01 dropped) is fitted by
+  the MP density over sigma (``fit_density_with_range``: ``scipy.optimize.brute`` on
+  [0.05, 2) x the sigma that puts the bulk edge at λmax, step 0.01 x, Nelder-Mead polish; the
+  quarter-circle law on √λ when Q = N/M = 1); bulk_max = (sigma (1 + 1/√Q))², num_spikes =
+  #{λ > bulk_max + √(Q^-1/2 bulk_max^2/3 M^-2/3)} (the Tracy-Widom margin) and
+  mp_softrank = bulk_max / λmax. -1 for both when the fit fails (a zero matrix).
 
 The fit is vectorised over the xmin candidates: suffix sums give the MLE alpha of every
 candidate at once, and the KS distances of a block of candidates are one broadcast
@@ -192,6 +200,79 @@ def ww_metrics_from_sv(singular_values: Any, *, thresh: float = WW_EVALS_THRESH)
     """``ww_metrics`` of a layer given its singular values σ (squared in float64 here)."""
     sv = np.asarray(singular_values, dtype=np.float64).reshape(-1)
     return ww_metrics(sv * sv, thresh=thresh)
+
+
+WW_MP_BW = 0.1  # RMT_Util.fit_density_with_range: KDE bandwidth
+WW_MP_GRID = 1000  # RMT_Util.resid_mp: KDE points
+WW_MP_DENSITY_THRESH = 0.01  # resid_mp: points of lower density are left out of the residual
+MP_KEYS = ("num_spikes", "mp_softrank", "sigma_mp", "bulk_max")
+
+
+def _linear_kde(data: np.ndarray, x: np.ndarray, bw: float) -> np.ndarray:
+    """sklearn's KernelDensity(kernel="linear", bandwidth=bw) density at x: mean of
+    max(0, 1 - |x - d| / bw) / bw (blocks of x: bounded memory)."""
+    out = np.empty(x.shape[0], np.float64)
+    step = max(1, (1 << 22) // max(1, data.shape[0]))
+    for i in range(0, x.shape[0], step):
+        u = np.abs(x[i:i + step, None] - data[None, :]) / bw
+        out[i:i + step] = np.sum(np.maximum(1.0 - u, 0.0), axis=1) / (bw * data.shape[0])
+    return out
+
+
+def mp_fit(eigenvalues: Any, N: int, M: int) -> dict[str, float]:
+    """WeightWatcher 0.7.x's Marchenko-Pastur fit of one dense layer's ESD (see the module docstring).
+
+    Args:
+        eigenvalues: all M eigenvalues of WᵀW (squared singular values, no normalisation).
+        N, M: max(m, n) and min(m, n) of the layer.
+
+    Returns:
+        {num_spikes, mp_softrank, sigma_mp, bulk_max} (bulk_max in the rescaled units), -1 each
+        when the fit fails.
+    """
+    from scipy import optimize
+
+    failed = {k: -1.0 for k in MP_KEYS}
+    evals = np.maximum(np.asarray(eigenvalues, np.float64).reshape(-1), 0.0)
+    if evals.size == 0 or not np.sum(evals) > 0:
+        return failed
+    Q = N / M
+    wscale = np.sqrt(evals.shape[0]) / np.sqrt(np.sum(evals))
+    to_plot = (wscale * wscale) * evals
+    lambda_max = np.max(to_plot)
+    scale = np.sqrt(np.max(to_plot) / np.square(1 + 1.0 / np.sqrt(Q)))  # RMT_Util.calc_sigma
+    to_fit = np.sqrt(to_plot) if Q == 1 else to_plot
+    xde = np.linspace(0, np.max(to_fit) + 0.5, WW_MP_GRID)
+    yde = _linear_kde(to_fit, xde, WW_MP_BW)
+    good = yde > WW_MP_DENSITY_THRESH
+    xde, yde = xde[good], yde[good]
+    if xde.size == 0:
+        return failed
+    peak = xde[np.where(yde == max(yde))][0]
+
+    def resid(p):  # RMT_Util.resid_mp(allresid=False): sum of squared residuals
+        sigma = p
+        with np.errstate(all="ignore"):
+            if Q == 1:
+                ymp = np.nan_to_num((1 / (np.pi * sigma * sigma)) * np.sqrt(4 - xde ** 2))
+            else:
+                y = 1 / Q
+                b = np.power(sigma * (1 + np.sqrt(1 / Q)), 2)
+                a = np.power(sigma * (1 - np.sqrt(1 / Q)), 2)
+                if (b < peak) | (b > max(xde)) | (a > peak):
+                    return np.sum((np.zeros(len(yde)) + 1000) ** 2)
+                ymp = np.nan_to_num((1 / (2 * np.pi * sigma * sigma * xde * y)) * np.sqrt((b - xde) * (xde - a)))
+        return np.sum((ymp - yde) ** 2)
+
+    try:
+        rng = (slice(0.05 * scale, 2.0 * scale, 0.01 * scale),)
+        s1 = float(np.ravel(optimize.brute(resid, rng, full_output=True)[0])[0])
+    except (ValueError, RuntimeError, FloatingPointError):  # pragma: no cover - WW reports -1 too
+        return failed
+    bulk_max = (s1 * (1 + 1 / np.sqrt(Q))) ** 2
+    tw = 1 / np.sqrt(Q) * np.power(bulk_max, 2 / 3) * np.power(M, -2 / 3)
+    return {"num_spikes": float(np.sum(to_plot > bulk_max + np.sqrt(tw))), "mp_softrank": float(bulk_max / lambda_max),
+            "sigma_mp": s1, "bulk_max": float(bulk_max)}
 
 
 def warning_label(alpha: float) -> str:

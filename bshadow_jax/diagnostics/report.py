@@ -28,6 +28,8 @@ FIG_ERANK = "heatmap_effective_rank.png"
 FIG_SPECTRA = "spectra_top.png"
 FIG_FOOTPRINT = "footprint_curve.png"
 FIG_ALPHA = "alpha_hist.png"
+ESD_DIR = "esd_fits"  # spectrum: one log-log ESD with its power-law fit per top matrix
+TOP_ESD = 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,6 +179,35 @@ def _alpha_figure(out_dir: Path, alphas: np.ndarray) -> str | None:
     return save_figure(fig, out_dir / FIG_ALPHA)
 
 
+def _esd_fit_figure(out_dir: Path, i: int, name: str, sv, row: Mapping) -> str | None:
+    """log-log ESD (density of λ = σ²) of one matrix with its fitted power law from xmin."""
+    lam = np.asarray(sv, dtype=np.float64).reshape(-1) ** 2
+    lam = lam[np.isfinite(lam) & (lam > 0)]
+    if lam.size < 2 or lam.max() <= lam.min():
+        return None
+    alpha, xmin, D = num(row.get("alpha")), num(row.get("xmin")), num(row.get("D"))
+    fig = new_figure(5.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), min(60, max(8, lam.size // 4)) + 1)
+    dens, edges = np.histogram(lam, bins=bins, density=True)
+    mid = np.sqrt(edges[:-1] * edges[1:])
+    ax.loglog(mid[dens > 0], dens[dens > 0], ".", color="tab:blue", label="ESD")
+    if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:
+        x = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
+        tail = float(np.mean(lam >= xmin))
+        ax.loglog(x, tail * (alpha - 1) / xmin * (x / xmin) ** (-alpha), color="tab:red",
+                  label=f"power law, alpha={alpha:.2f}")
+        ax.axvline(xmin, color="grey", ls="--", lw=0.8, label=f"xmin={xmin:.3g}")
+    ax.set_xlabel("eigenvalue λ = σ² of WᵀW")
+    ax.set_ylabel("density")
+    short = name if len(name) <= 48 else "…" + name[-47:]
+    ax.set_title(f"{short}\nD={fmt(D)}", fontsize=8)
+    ax.legend(fontsize=7)
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:80]
+    (out_dir / ESD_DIR).mkdir(exist_ok=True)
+    return f"{ESD_DIR}/" + save_figure(fig, out_dir / ESD_DIR / f"{i:02d}_{safe}.png")
+
+
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
@@ -219,7 +250,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     kind: "diagnose" or "spectrum" (adds the alpha histogram; heatmaps use the weights' own
       energy share and effective rank).
 
-    Returns {"report": path of report.md, "figures": [file names written]}.
+    Returns {"report": path of report.md, "figures": [file names written], "esd_fits": [paths
+    under esd_fits/ (spectrum only)]}.
     """
     if kind not in ("diagnose", "spectrum"):
         raise ValueError(f"kind must be 'diagnose' or 'spectrum', not {kind!r}")
@@ -265,11 +297,23 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
         f = _alpha_figure(out, alphas)
         if f:
             figures.append(f)
+    esd = []
+    if kind == "spectrum":
+        row_by_name = {str(r.get("name")): r for r in rows}
+        for i, n in enumerate(top_spec[:TOP_ESD]):
+            f = _esd_fit_figure(out, i, str(n), spectra[n], row_by_name.get(str(n), {}))
+            if f:
+                esd.append((str(n), f))
 
     skipped = _skipped_items(summary.get("skipped"))
     md = _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank_col, top_spec)
+    if esd:
+        md += "\n## ESD fits\n\nESD of the top matrices by ‖W‖F² share, log-log, with the power law fitted from xmin " \
+              f"({docs_ref('metrics.md', 'power-law-metrics')}).\n\n"
+        md += "".join(f"![{cell(n)}]({f})\n\n`{cell(n)}`\n\n" for n, f in esd)
+        md = md.rstrip() + "\n"
     atomic_write_text(out / "report.md", md)
-    return {"report": str(out / "report.md"), "figures": figures}
+    return {"report": str(out / "report.md"), "figures": figures, "esd_fits": [f for _, f in esd]}
 
 
 def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank_col, top_spec) -> str:
@@ -281,7 +325,8 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
         L.append(f"ΔW = W_tuned − W_base per matrix. Metric definitions: {docs_ref('metrics.md', 'delta-metrics')}; "
                  f"files and columns: {docs_ref('outputs.md', 'diagnose-output')}.")
     else:
-        L.append("Spectra of the weights themselves; alpha, log_norm, log_spectral_norm and alpha_weighted "
+        L.append("Spectra of the weights themselves; alpha, xmin, D, log_norm, log_spectral_norm, alpha_weighted, "
+                 "num_spikes and mp_softrank "
                  f"as WeightWatcher 0.7.x computes them. Definitions: {docs_ref('metrics.md', 'power-law-metrics')}; "
                  f"files and columns: {docs_ref('outputs.md', 'spectrum-output')}.")
     L += ["", "## Summary", ""]

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from bshadow_jax import fileio
-from bshadow_jax.diagnostics import footprint, plan, registry, stacks
+from bshadow_jax.diagnostics import footprint, names, plan, registry, stacks
 from bshadow_jax.diagnostics import mesh as meshlib
-from bshadow_jax.diagnostics.powerlaw import ww_metrics_from_sv
+from bshadow_jax.diagnostics.powerlaw import mp_fit, ww_metrics_from_sv
 from bshadow_jax.diagnostics.report import write_report
 from bshadow_jax.diagnostics.spectral import SV_METRICS
 from bshadow_jax.errors import UserError, refuse_pickle
@@ -24,10 +24,16 @@ from bshadow_jax.formats.layout import parse_layer_axis
 
 ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
 DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
-DIAGNOSE_COLS = ("base_fro", "delta_fro", "rel_delta") + DELTA_SV_COLS + ("energy_share", "base_overlap", "intruder_count")
-WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted")
+# new delta columns go at the end of this block (docs/outputs.md#metricscsv-columns-diagnose)
+DIAGNOSE_COLS = ("base_fro", "delta_fro", "rel_delta") + DELTA_SV_COLS + (
+    "energy_share", "base_overlap", "intruder_count", "subspace_rotation", "cosine", "update_sparsity",
+    "update_sparsity_bf16")
+VECTOR_CSV_COLS = ("name", "component", "layer", "module", "size", "base_norm", "delta_norm", "rel_delta", "cosine",
+                   "update_sparsity", "update_sparsity_bf16")
+WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted", "xmin", "D", "num_spikes", "mp_softrank")
 SPECTRUM_COLS = SV_METRICS + WW_COLS
-INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count"}
+INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count",
+            "num_spikes"}
 
 
 @dataclasses.dataclass
@@ -35,6 +41,7 @@ class DiagnoseResult:
     rows: list[dict]
     summary: dict
     spectra: dict  # row name -> singular values of the delta (descending, numpy)
+    vectors: list[dict] = dataclasses.field(default_factory=list)  # vectors.csv rows (1-D tensors)
 
 
 @dataclasses.dataclass
@@ -70,7 +77,7 @@ def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra
             if c in res.columns:
                 row[c] = _num(res.columns[c][i], c)
         if extra is not None:
-            row.update(extra(res.sv[i]))
+            row.update(extra(res.sv[i], it))
         rows.append(row)
         spectra[it.name] = np.asarray(res.sv[i])
 
@@ -93,10 +100,73 @@ def _progress(total: int, enabled: bool | None, desc: str):
 # diagnose
 # ------------------------------------------------------------------------------------------
 
+def _rel(num: float, den: float) -> float:
+    """num / den; 0 when both are 0; +inf when only den is (rel_delta's rule)."""
+    if den > 0:
+        return num / den
+    return math.inf if num > 0 else 0.0
+
+
+def vector_row(name: str, b, t) -> dict:
+    """One vectors.csv row: norms, cosine and sparsities of a 1-D tensor pair, in float64."""
+    import ml_dtypes
+
+    b32, t32 = np.asarray(b, np.float32).reshape(-1), np.asarray(t, np.float32).reshape(-1)
+    b64, t64 = b32.astype(np.float64), t32.astype(np.float64)
+    nb, nt, nd = (float(np.linalg.norm(x)) for x in (b64, t64, t64 - b64))
+    if nb > 0 and nt > 0:
+        # as kernels.elementwise: 1 - (|t - b|^2 - (|b| - |t|)^2) / (2 |b| |t|), exactly 1 when equal
+        cos = float(np.clip(1.0 - (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt), -1.0, 1.0))
+    else:
+        cos = 1.0 if nb == nt else 0.0
+    p = names.parse_name(name)
+    same16 = t32.astype(ml_dtypes.bfloat16) == b32.astype(ml_dtypes.bfloat16)
+    return {"name": name, "component": p["component"], "layer": p["layer"], "module": p["module"],
+            "size": int(b32.size), "base_norm": nb, "delta_norm": nd, "rel_delta": _rel(nd, nb), "cosine": cos,
+            "update_sparsity": float(np.mean(t32 == b32)) if b32.size else 1.0,
+            "update_sparsity_bf16": float(np.mean(same16)) if b32.size else 1.0}
+
+
+def _vector_rows(base_src, tuned_src, skipped: list[dict], rename) -> tuple[list[dict], list[dict]]:
+    """vectors.csv rows for the 1-D tensors the plan skipped, and the skipped list without them.
+
+    A 1-D base tensor with a tuned partner (after --rename) of the same shape gets a row and
+    leaves `skipped`; without one it stays there as "missing in tuned" or "shape mismatch".
+    """
+    rules = names.parse_rename(rename)
+    tuned_map: dict[str, str] = {}
+    for tn in tuned_src.names():
+        tuned_map.setdefault(names.apply_rename(tn, rules), tn)
+    base_names = set(base_src.names())
+    rows, keep = [], []
+    for s in skipped:
+        n = s["name"]
+        bshape = tuple(base_src.shape(n)) if n in base_names else ()
+        if len(bshape) != 1:
+            keep.append(s)
+            continue
+        tn = tuned_map.get(n)
+        tshape = None if tn is None else tuple(tuned_src.shape(tn))
+        if tshape is None:
+            keep.append({"name": n, "reason": "missing in tuned"})
+        elif tshape != bshape:
+            keep.append({"name": n, "reason": f"shape mismatch: base {list(bshape)} vs tuned {list(tshape)}"})
+        else:
+            b, t = base_src.read(n), tuned_src.read(tn)
+            if not (np.isfinite(np.asarray(b, np.float32)).all() and np.isfinite(np.asarray(t, np.float32)).all()):
+                keep.append({"name": n, "reason": "non-finite values (NaN/inf)"})
+            else:
+                rows.append(vector_row(n, b, t))
+    return rows, keep
+
+
 def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), include=None, exclude=None,
-                      method="auto", budget_mb=512.0, progress=None, eig_backend="auto") -> DiagnoseResult:
+                      method="auto", budget_mb=512.0, progress=None, eig_backend="auto",
+                      metrics="all") -> DiagnoseResult:
     if int(topk) < 1:
         raise UserError(f"--topk {topk}: must be at least 1")
+    if metrics not in stacks.METRICS_MODES:
+        raise UserError(f"--metrics {metrics}: must be 'all' or 'values'")
     items, skipped = plan.plan_pairs(base_src, tuned_src, rename=rename, include=include, exclude=exclude)
     bpath, tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
     if not items:
@@ -106,15 +176,17 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     user_cols = [f"delta_{m.name}" for m in registry.registered_metrics()]
     metric_cols = list(DIAGNOSE_COLS) + user_cols
     rows, spectra = [], {}
-    redo_sv = redo_intr = 0
+    redo_sv = redo_intr = redo_vec = 0
     with _progress(len(items), progress, "diagnose") as bar:
         for chunk, (b, t), finite in plan.iter_chunks(chunks, base_src, tuned_src,
                                                           prefetch_limit_bytes=budget_mb * 2**20):
             pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
+            res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad,
+                                    metrics=metrics)
             del b, t  # before the generator reads the next chunk
             redo_sv += int(np.sum(res.redo_sv))
             redo_intr += int(np.sum(res.redo_intruders))
+            redo_vec += int(np.sum(res.redo_vectors)) if res.redo_vectors is not None else 0
             _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
             bar.update(len(chunk))
     if not rows:
@@ -130,22 +202,29 @@ def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), incl
     group_cols = [c for c in metric_cols if c != "energy_share"]
     fp = footprint.footprint_stats([r["energy_share"] for r in rows])
     fp["total_delta_energy"] = total
+    vectors, skipped = _vector_rows(base_src, tuned_src, skipped, rename)
     summary = {
         "kind": "diagnose",
         "base": str(bpath),
         "tuned": str(tpath),
         "topk": int(topk),
         "method": method,
+        "metrics": metrics,
+        "not_computed": list(stacks.VECTOR_COLUMNS) if metrics == "values" else [],
         "matrices": len(rows),
+        "vectors": len(vectors),
         "columns": cols,
         "footprint": fp,
+        "footprint_blocks_only": footprint.blocks_only(rows),
+        "footprint_per_parameter": footprint.per_parameter(rows),
         "by_layer": footprint.group_means(rows, "layer", group_cols),
         "by_module": footprint.group_means(rows, "module", group_cols),
         "by_component": footprint.group_means(rows, "component", group_cols),
         "skipped": skipped,
-        "recomputed_exact": {"singular_values": redo_sv, "intruders": redo_intr},
+        "recomputed_exact": {"singular_values": redo_sv, "intruders": redo_intr, "vectors": redo_vec},
     }
-    return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=spectra)
+    return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=spectra,
+                          vectors=vectors)
 
 
 def _why_none(base_src, tuned_src, skipped) -> str:
@@ -161,7 +240,8 @@ def _why_none(base_src, tuned_src, skipped) -> str:
 
 def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, rename=(), include=None,
              exclude=None, method: str = "auto", budget_mb: float = 512.0, progress=False,
-             eig_backend: str = "auto", layer_axis=(), layout: str | None = None) -> DiagnoseResult:
+             eig_backend: str = "auto", layer_axis=(), layout: str | None = None,
+             metrics: str = "all") -> DiagnoseResult:
     """Delta metrics of two in-memory parameter pytrees.
 
     Args:
@@ -178,14 +258,18 @@ def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, r
         layer_axis: "REGEX=AXIS" rules (or (regex, axis) pairs): leaves whose name matches hold
             one matrix per layer along AXIS (formats.layout).
         layout: a named set of layer-axis rules ("maxtext").
+        metrics: "all" (every column) or "values": only what the delta's singular values and
+            norms give; base_overlap, intruder_count and subspace_rotation are NaN (empty in
+            metrics.csv) and W_base / W_tuned are never decomposed.
 
     Returns:
-        DiagnoseResult (rows, summary, spectra).
+        DiagnoseResult (rows, summary, spectra, vectors: the vectors.csv rows of 1-D tensors).
     """
     with plan.open_source(base_params, name="<base>", layer_axis=layer_axis, layout=layout) as b, \
             plan.open_source(tuned_params, name="<tuned>", layer_axis=layer_axis, layout=layout) as t:
         return _diagnose_sources(b, t, topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
-                                 method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend)
+                                 method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend,
+                                 metrics=metrics)
 
 
 def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, layer_axis=(), layout: str | None = None,
@@ -218,8 +302,10 @@ def _check_item(item: str | None, *sources) -> None:
 # spectrum
 # ------------------------------------------------------------------------------------------
 
-def _ww(sv) -> dict:
-    m = ww_metrics_from_sv(np.asarray(sv, np.float64))
+def _ww(sv, item) -> dict:
+    sv = np.asarray(sv, np.float64)
+    m = ww_metrics_from_sv(sv)
+    m.update(mp_fit(sv * sv, max(item.shape), min(item.shape)))
     return {c: float(m[c]) for c in WW_COLS}
 
 
@@ -294,18 +380,20 @@ def finite_or_none(obj):
     return obj
 
 
-def rows_to_csv(rows: list[dict], cols: list[str]) -> str:
-    """CSV text of `rows` in column order `cols` (floats as repr, None as empty)."""
+def rows_to_csv(rows: list[dict], cols: list[str], empty=()) -> str:
+    """CSV text of `rows` in column order `cols` (floats as repr, None as empty; the columns in
+    `empty` are written empty whatever they hold: columns that were not computed)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for r in rows:
-        w.writerow(["" if r.get(c) is None else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in cols])
+        w.writerow(["" if r.get(c) is None or c in empty else (repr(r[c]) if isinstance(r[c], float) else r[c])
+                    for c in cols])
     return buf.getvalue()
 
 
 def write_outputs(result, out_dir) -> Path:
-    """metrics.csv, summary.json and report (md + PNG) into out_dir, atomically.
+    """metrics.csv, summary.json, report (md + PNG) and, for diagnose, vectors.csv into out_dir, atomically.
 
     Args:
         result: a DiagnoseResult or SpectrumResult.
@@ -317,7 +405,10 @@ def write_outputs(result, out_dir) -> Path:
     kind = result.summary.get("kind", "diagnose")
     out = fileio.check_output_dir(out_dir)
     with fileio.atomic_output_dir(out) as tmp:
-        fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"]))
+        fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"],
+                                                                  empty=result.summary.get("not_computed", ())))
+        if kind == "diagnose":
+            fileio.atomic_write_text(tmp / "vectors.csv", rows_to_csv(getattr(result, "vectors", []), VECTOR_CSV_COLS))
         fileio.atomic_write_json(tmp / "summary.json", finite_or_none(result.summary))
         write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
     return Path(out)
@@ -353,10 +444,11 @@ def diagnose_cli(args) -> int:
     fileio.enable_compilation_cache()
     res = diagnose_checkpoints(args.base, args.tuned, topk=args.topk, rename=args.rename, include=args.include,
                                exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
-                               **_layout_args(args))
+                               metrics=args.metrics, **_layout_args(args))
     write_outputs(res, args.out)
     fp = res.summary["footprint"]
-    print(f"{args.out}: {len(res.rows)} matrices, {len(res.summary['skipped'])} skipped; footprint entropy "
+    print(f"{args.out}: {len(res.rows)} matrices, {len(res.vectors)} vectors, {len(res.summary['skipped'])} skipped; "
+          f"footprint entropy "
           f"{fp['entropy']:.3f}, gini {fp['gini']:.3f}, matrices_for_90pct {fp['matrices_for_90pct']:.3f}")
     return 0
 

@@ -10,6 +10,10 @@ functions, sharded along the stack axis over a device mesh (diagnostics/mesh.py)
 
 The eig backend picks the variant: "host" (CPU LAPACK), "jax" (XLA), or "auto" (host when
 every device of the mesh is a CPU).
+
+metrics="values" computes only the delta's singular values (the single-matrix paths on the
+delta: no decomposition of W_base or W_tuned) and the elementwise metrics; base_overlap,
+subspace_rotation and intruder_count are NaN.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import numpy as np
 
 from bshadow_jax.diagnostics import exact, gram, host, registry
 from bshadow_jax.diagnostics import mesh as meshlib
-from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, sv_user_metrics
+from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, elementwise, sv_user_metrics
 from bshadow_jax.diagnostics.spectral import spectral_metrics
 
 SMALL_K_EXACT = 128  # method="auto": exact SVDs below this k (cheaper to compile and to run)
+METRICS_MODES = ("all", "values")
+VECTOR_COLUMNS = ("base_overlap", "subspace_rotation", "intruder_count")  # left empty by metrics="values"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +40,19 @@ class PairStackResult:
     Fields:
         columns: metric name -> [B] numpy array: base_fro, delta_fro, rel_delta, delta_<singular
             value metric> (spectral.SV_METRICS and registered ones), base_overlap,
-            intruder_count, delta_<registered matrix metric>.
+            intruder_count, subspace_rotation, cosine, update_sparsity, update_sparsity_bf16,
+            delta_<registered matrix metric>.
         sv: [B, k] singular values of each delta, descending, float64.
         redo_sv: [B] bool, singular values recomputed exactly (float32 Gram guard).
         redo_intruders: [B] bool, intruder test redone with full SVDs.
+        redo_vectors: [B] bool, pair redone with full SVDs (top-K vectors a float32 Gram could
+            not resolve).
     """
     columns: dict
     sv: np.ndarray
     redo_sv: np.ndarray
     redo_intruders: np.ndarray
+    redo_vectors: np.ndarray | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.columns[name]
@@ -134,8 +144,37 @@ def sv_metrics(sv_BxK, *, topk: int = 8, mesh=None) -> dict:
     return {name: np.asarray(v)[:B] for name, v in out.items()}
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_elementwise(mesh):
+    return meshlib.over_stack(elementwise, mesh, sequential=False)
+
+
+def elementwise_metrics(base_BxMxN, tuned_BxMxN, *, mesh=None, pad_to: int = 0) -> dict:
+    """kernels.elementwise over a stack of pairs: {base_fro, cosine, update_sparsity,
+    update_sparsity_bf16: numpy [B]}, on the float32 values the sources returned."""
+    B = base_BxMxN.shape[0]
+    Bp = meshlib.padded_size(max(B, pad_to), mesh)
+    f = _jitted_elementwise(mesh)
+    out = jax.device_get(f(meshlib.put_padded(np.asarray(base_BxMxN, np.float32), Bp, mesh),
+                           meshlib.put_padded(np.asarray(tuned_BxMxN, np.float32), Bp, mesh)))
+    names = ("base_fro", "cosine", "update_sparsity", "update_sparsity_bf16")
+    return {n: np.asarray(v)[:B] for n, v in zip(names, out)}
+
+
+def _values_pairs(base_BxMxN, tuned_BxMxN, *, method: str, on_host: bool, mesh, pad_to: int) -> SingleColumns:
+    """The delta's singular values (and registered matrix metrics) without any vector."""
+    d = tuned_BxMxN.astype(np.float32) - base_BxMxN.astype(np.float32)
+    if method == "svd" and on_host:
+        return host.exact_singles(d, mesh=mesh, pad_to=pad_to)
+    if method == "gram" and on_host:  # float64 Gram values, as the partial path's delta
+        return host.gram64_singles(d, mesh=mesh, pad_to=pad_to)
+    if method == "svd":
+        return exact.device_singles(d, mesh=mesh, pad_to=pad_to)
+    return gram.device_singles(d, mesh=mesh, pad_to=pad_to)
+
+
 def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", mesh=None,
-               eig_backend: str = "auto", pad_to: int = 0) -> PairStackResult:
+               eig_backend: str = "auto", pad_to: int = 0, metrics: str = "all") -> PairStackResult:
     """Metrics of the fine-tuning deltas of a stack of (base, tuned) pairs.
 
     Args:
@@ -145,18 +184,28 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
         mesh: mesh to shard the stack over, or None.
         eig_backend: "auto", "host" or "jax" (use_host).
         pad_to: pad device stacks to at least this length (one compile per shape across chunks).
+        metrics: "all", or "values" (no vectors: VECTOR_COLUMNS are NaN).
 
     Returns:
         PairStackResult of the B pairs.
     """
+    if metrics not in METRICS_MODES:
+        raise ValueError(f"metrics must be 'all' or 'values', got {metrics!r}")
     base_BxMxN = np.asarray(base_BxMxN)
     tuned_BxMxN = np.asarray(tuned_BxMxN)
     B, m, n = base_BxMxN.shape
     k = min(m, n)
     method = resolve_method(method, k, mesh)
     on_host = use_host(eig_backend, mesh)
-    pc: PairColumns
-    if method == "svd" and on_host:
+    el = elementwise_metrics(base_BxMxN, tuned_BxMxN, mesh=mesh, pad_to=pad_to)
+    if metrics == "values":
+        sc = _values_pairs(base_BxMxN, tuned_BxMxN, method=method, on_host=on_host, mesh=mesh, pad_to=pad_to)
+        nan = np.full(B, np.nan, np.float32)
+        no = np.zeros(B, bool)
+        pc = PairColumns(base_fro=el["base_fro"], base_overlap=nan, subspace_rotation=nan, intruder_count=nan,
+                         sv=sc.sv, user=sc.user, redo_sv=no if sc.redo_sv is None else np.asarray(sc.redo_sv)[:B],
+                         redo_intruders=no, redo_vectors=no)
+    elif method == "svd" and on_host:
         pc = host.exact_pairs(base_BxMxN, tuned_BxMxN, topk=topk)
     elif method == "gram" and on_host:
         pc = host.partial_pairs(base_BxMxN, tuned_BxMxN, topk=topk)
@@ -165,14 +214,17 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
     else:
         pc = gram.device_pairs(base_BxMxN, tuned_BxMxN, topk=topk, mesh=mesh, pad_to=pad_to)
     svm = sv_metrics(pc.sv, topk=topk, mesh=mesh)
-    cols = {"base_fro": pc.base_fro, "base_overlap": pc.base_overlap, "intruder_count": pc.intruder_count}
+    cols = {"base_fro": pc.base_fro, "base_overlap": pc.base_overlap, "intruder_count": pc.intruder_count,
+            "subspace_rotation": pc.subspace_rotation}
+    cols.update({c: el[c] for c in ("cosine", "update_sparsity", "update_sparsity_bf16")})
     cols.update({f"delta_{k_}": v for k_, v in svm.items()})
     with np.errstate(divide="ignore", invalid="ignore"):
         bf = pc.base_fro.astype(np.float64)
         df = svm["fro"].astype(np.float64)
         cols["rel_delta"] = np.where(bf > 0, df / np.where(bf > 0, bf, 1.0), np.where(df > 0, np.inf, 0.0))
     cols.update({f"delta_{k_}": v for k_, v in pc.user.items()})
-    return PairStackResult(columns=cols, sv=pc.sv[:, :k], redo_sv=pc.redo_sv, redo_intruders=pc.redo_intruders)
+    return PairStackResult(columns=cols, sv=pc.sv[:, :k], redo_sv=pc.redo_sv, redo_intruders=pc.redo_intruders,
+                           redo_vectors=pc.redo_vectors)
 
 
 def single_stack(w_BxMxN, *, topk: int = 8, method: str = "auto", mesh=None, eig_backend: str = "auto",
