@@ -63,11 +63,12 @@ def _check_out_not_input(args: argparse.Namespace) -> None:
     out_path = Path(out).absolute()
     for name in ("base", "tuned", "ckpt"):
         value = getattr(args, name, None)
-        if not value:
-            continue
-        inp = Path(value).absolute()
-        if inp == out_path or out_path in inp.parents:
-            raise UserError(f"--out {out}: would replace the input {value}; choose another output folder")
+        for one in value if isinstance(value, list) else [value]:  # diagnose takes several TUNED
+            if not one:
+                continue
+            inp = Path(one).absolute()
+            if inp == out_path or out_path in inp.parents:
+                raise UserError(f"--out {out}: would replace the input {one}; choose another output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,3 +75,17 @@ def test_help_imports_no_heavy_library():
             "print(sorted(m for m in ('jax', 'orbax', 'transformers', 'torch', 'grain') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_lazy_package_exports_resolve_to_what_they_name():
+    """Each lazily exported name resolves, and is not shadowed by a submodule of the same name (a
+    submodule import sets that attribute on the package, which would hide the function)."""
+    import importlib
+    import types
+
+    for pkg in ("bshadow_jax.models", "bshadow_jax.formats", "bshadow_jax.diagnostics"):
+        mod = importlib.import_module(pkg)
+        for name in mod.__all__:
+            importlib.import_module(mod._EXPORTS[name])  # as if someone imported the defining module first
+            value = getattr(mod, name)
+            assert not isinstance(value, types.ModuleType), f"{pkg}.{name} is a module"

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     d.add_argument("base", help="base checkpoint")
-    d.add_argument("tuned", help="tuned checkpoint")
+    d.add_argument("tuned", nargs="+", help="tuned checkpoint(s); with several, the base is read and decomposed once, "
+                                          "each pair goes to OUT/<label>/ and comparison.md/.csv set them side by side")
     d.add_argument("--out", required=True, help="output folder (written atomically)")
     d.add_argument("--topk", type=int, default=8, help="K for topk_energy and base_overlap (default 8)")
     d.add_argument("--include", metavar="REGEX", help="analyse only tensors whose name matches")

@@ -79,19 +79,25 @@ def _svd(w):
         return scipy.linalg.svd(w, full_matrices=False, check_finite=False, lapack_driver="gesvd")
 
 
-def _pair_decompositions(pair, topk: int):
-    """The arguments of exact.exact_metrics for one (base, tuned) pair, from three host SVDs."""
+def _base_svd(b):
+    u, s, _ = _svd(np.asarray(b, np.float32))
+    return u, s
+
+
+def _pair_decompositions(pair, topk: int, base_us=None):
+    """The arguments of exact.exact_metrics for one (base, tuned) pair, from three host SVDs (two
+    when the base's U, sigma are given)."""
     b, t = (np.asarray(x, np.float32) for x in pair)
     d = t - b
     k, K, _ = sizes(b.shape, topk)
     J = exact.tuned_vectors(k, topk)
-    ub, sb, _ = _svd(b)
+    ub, sb = _base_svd(b) if base_us is None else base_us
     ut, st, _ = _svd(t)
     ud, sd, _ = _svd(d)
     return b, d, ub, sb, ut[:, :J], st[:J], ud[:, :K], sd
 
 
-def exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk: int) -> exact.ExactPairMetrics:
+def exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk: int, base_cache: dict | None = None) -> exact.ExactPairMetrics:
     """The exact method on CPU: SciPy's LAPACK for the SVDs, the same jitted, vmapped metrics.
 
     SciPy's wrapper holds the GIL, so the pool runs these SVDs one at a time (numpy's releases it
@@ -100,18 +106,26 @@ def exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk: int) -> exact.ExactPairMet
     Args:
         base_BxMxN, tuned_BxMxN: host stacks of equal shape.
         topk: K of base_overlap.
+        base_cache: a dict shared by the calls on one base stack with several tuned stacks: the
+            base's SVDs are computed on the first call and reused (one base, many fine-tunes).
 
     Returns:
         ExactPairMetrics stacked over the B pairs, host numpy.
     """
-    decs = host_map(functools.partial(_pair_decompositions, topk=topk), list(zip(base_BxMxN, tuned_BxMxN)))
+    pairs = list(zip(base_BxMxN, tuned_BxMxN))
+    if base_cache is None:
+        decs = host_map(functools.partial(_pair_decompositions, topk=topk), pairs)
+    else:
+        if "exact" not in base_cache:
+            base_cache["exact"] = host_map(_base_svd, list(base_BxMxN))
+        decs = host_map(lambda job: _pair_decompositions(job[0], topk, job[1]), list(zip(pairs, base_cache["exact"])))
     stacked = [np.stack(parts) for parts in zip(*decs)]
     return jax.device_get(exact.jitted_exact_metrics(topk, registry.cache_key())(*stacked))
 
 
-def exact_pairs(base_BxMxN, tuned_BxMxN, *, topk: int) -> PairColumns:
+def exact_pairs(base_BxMxN, tuned_BxMxN, *, topk: int, base_cache: dict | None = None) -> PairColumns:
     """PairColumns of exact_pair_metrics."""
-    return exact.columns(exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk), base_BxMxN.shape[0])
+    return exact.columns(exact_pair_metrics(base_BxMxN, tuned_BxMxN, topk, base_cache), base_BxMxN.shape[0])
 
 
 def _svdvals(w):
@@ -241,19 +255,26 @@ class PartialFactors(NamedTuple):
     sd_BxK: np.ndarray
 
 
-def _partial_decompositions(base_BxMxN, tuned_BxMxN, topk: int) -> PartialFactors:
+def _partial_decompositions(base_BxMxN, tuned_BxMxN, topk: int, base_cache: dict | None = None) -> PartialFactors:
     """What the pair metrics need, and no more, as three independent tasks per pair (delta,
-    base, tuned) so that even a one-pair chunk (an embedding) keeps every core busy."""
+    base, tuned) so that even a one-pair chunk (an embedding) keeps every core busy. With a
+    base_cache that already holds this stack's base factors, the base tasks are not run again."""
     B = len(base_BxMxN)
     k, K, _, R = _partial_sizes(base_BxMxN.shape[1:], topk)
     T = exact.tuned_vectors(k, topk)
+    cached = None if base_cache is None else base_cache.get(("partial", R))
     tasks = []
     for i in range(B):  # the float64 delta, the longest, first
         tasks += [functools.partial(_delta_task, base_BxMxN[i], tuned_BxMxN[i], K),
-                  functools.partial(_base_task, base_BxMxN[i], R),
                   functools.partial(_top_left_task, tuned_BxMxN[i], T)]
+        if cached is None:
+            tasks.append(functools.partial(_base_task, base_BxMxN[i], R))
     res = host_map(lambda task: task(), tasks)
-    delta, base, tuned = res[0::3], res[1::3], res[2::3]
+    step = 2 if cached is not None else 3
+    delta, tuned = res[0::step], res[1::step]
+    base = cached if cached is not None else res[2::3]
+    if base_cache is not None:
+        base_cache[("partial", R)] = base
     return PartialFactors(np.stack([r[2] for r in base]), np.stack([r[0] for r in base]), np.stack([r[1] for r in base]),
                           np.stack([r[0] for r in tuned]), np.stack([r[1] for r in tuned]),
                           np.stack([r[0] for r in delta]), np.stack([r[1] for r in delta]))
@@ -304,7 +325,7 @@ def _jitted_delta_matrix_metrics(reg_key):
     return jax.jit(jax.vmap(one))
 
 
-def partial_pairs(base_BxMxN, tuned_BxMxN, *, topk: int) -> PairColumns:
+def partial_pairs(base_BxMxN, tuned_BxMxN, *, topk: int, base_cache: dict | None = None) -> PairColumns:
     """The Gram method on CPU: partial host eigendecompositions, the same jitted, vmapped metrics.
 
     Only the small factors cross back from the worker threads (no stacked copies of the
@@ -315,12 +336,14 @@ def partial_pairs(base_BxMxN, tuned_BxMxN, *, topk: int) -> PairColumns:
     Args:
         base_BxMxN, tuned_BxMxN: host stacks of equal shape.
         topk: K of base_overlap and the delta's top-k metrics.
+        base_cache: shared by the calls on one base stack with several tuned stacks; the base's
+            factors are computed once (exact_pair_metrics).
 
     Returns:
         PairColumns of the B pairs (redo_sv all False: float64 Gram values need no guard).
     """
     B = len(base_BxMxN)
-    factors = _partial_decompositions(base_BxMxN, tuned_BxMxN, topk)
+    factors = _partial_decompositions(base_BxMxN, tuned_BxMxN, topk, base_cache)
     k, _, _, R = _partial_sizes(base_BxMxN.shape[1:], topk)
     out = jax.device_get(_jitted_partial_metrics(topk, R == k)(*factors))
     user = {}

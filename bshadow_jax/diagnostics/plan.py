@@ -12,10 +12,12 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.names import apply_rename, compile_filter, leaf_module, parse_name, parse_rename
 from bshadow_jax.errors import UserError
 from bshadow_jax.formats.layout import LayoutSource
@@ -298,3 +300,31 @@ def row_labels(item: Item) -> dict:
         "rows": int(item.shape[0]),
         "cols": int(item.shape[1]),
     }
+
+
+def plan_chunks(items, mesh, budget_mb, *, copies: int):
+    """(mesh, device count, chunks under the memory budget, first chunk length per shape).
+
+    Every later chunk of a shape is padded to its first chunk's length: one compile per shape.
+    """
+    mesh = meshlib.default_mesh(mesh)
+    nd = meshlib.mesh_size(mesh)
+    chunks = chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
+    first_len: dict[tuple, int] = {}
+    for c in chunks:
+        first_len.setdefault(tuple(c[0].shape), len(c))
+    return mesh, nd, chunks, first_len
+
+
+def progress_bar(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
+    return tqdm(total=total, disable=disable, unit="matrix", desc=desc, file=sys.stderr)
+
+
+def check_item(item: str | None, *sources) -> None:
+    """An --item that no source had a multi-item step to pick from is a mistake, not a no-op."""
+    if item is not None and not any(getattr(s, "item_applied", False) for s in sources):
+        paths = " and ".join(str(getattr(s, "path", "?")) for s in sources)
+        raise UserError(f"{paths}: --item {item}: no multi-item orbax step to pick it from")

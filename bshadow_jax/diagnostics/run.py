@@ -1,230 +1,122 @@
-"""diagnose / spectrum pipelines (in-memory pytrees or streamed checkpoints) and their CLI handlers."""
+"""The diagnose pipeline (in-memory pytrees or streamed checkpoints; one base against one or several
+fine-tunes) and the CLI handlers of diagnose and spectrum."""
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
-import math
 import os
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from bshadow_jax import fileio
-from bshadow_jax.diagnostics import footprint, names, plan, registry, stacks
-from bshadow_jax.diagnostics import mesh as meshlib
-from bshadow_jax.diagnostics.powerlaw import mp_fit, ww_metrics_from_sv
-from bshadow_jax.diagnostics.report import write_report
-from bshadow_jax.diagnostics.spectral import SV_METRICS
+from bshadow_jax.diagnostics import footprint, plan, registry, stacks
+from bshadow_jax.diagnostics.compare import unique_labels, write_comparison
+from bshadow_jax.diagnostics.results import (DIAGNOSE_COLS, ID_COLS, DiagnoseResult, collect_rows, write_outputs,
+                                            write_result_files)
+from bshadow_jax.diagnostics.weights import spectrum
+from bshadow_jax.diagnostics.vectors import vector_rows
 from bshadow_jax.errors import UserError, refuse_pickle
 from bshadow_jax.formats.hub import looks_like_hub_id
 from bshadow_jax.formats.layout import parse_layer_axis
-
-ID_COLS = ("name", "component", "layer", "module", "expert", "rows", "cols")
-DELTA_SV_COLS = tuple(f"delta_{m}" for m in SV_METRICS if m != "fro")
-# new delta columns go at the end of this block (docs/outputs.md#metricscsv-columns-diagnose)
-DIAGNOSE_COLS = ("base_fro", "delta_fro", "rel_delta") + DELTA_SV_COLS + (
-    "energy_share", "base_overlap", "intruder_count", "subspace_rotation", "cosine", "update_sparsity",
-    "update_sparsity_bf16")
-VECTOR_CSV_COLS = ("name", "component", "layer", "module", "size", "base_norm", "delta_norm", "rel_delta", "cosine",
-                   "update_sparsity", "update_sparsity_bf16")
-WW_COLS = ("alpha", "log_norm", "log_spectral_norm", "alpha_weighted", "xmin", "D", "num_spikes", "mp_softrank")
-SPECTRUM_COLS = SV_METRICS + WW_COLS
-INT_COLS = {"delta_energy_rank_90", "delta_energy_rank_99", "energy_rank_90", "energy_rank_99", "intruder_count",
-            "num_spikes"}
-
-
-@dataclasses.dataclass
-class DiagnoseResult:
-    rows: list[dict]
-    summary: dict
-    spectra: dict  # row name -> singular values of the delta (descending, numpy)
-    vectors: list[dict] = dataclasses.field(default_factory=list)  # vectors.csv rows (1-D tensors)
-
-
-@dataclasses.dataclass
-class SpectrumResult:
-    rows: list[dict]
-    summary: dict
-    spectra: dict  # row name -> singular values of the weight
-
-
-def _plan_chunks(items, mesh, budget_mb, *, copies: int):
-    """(mesh, device count, chunks under the memory budget, first chunk length per shape).
-
-    Every later chunk of a shape is padded to its first chunk's length: one compile per shape.
-    """
-    mesh = meshlib.default_mesh(mesh)
-    nd = meshlib.mesh_size(mesh)
-    chunks = plan.chunk_items(items, budget_mb=budget_mb, n_devices=nd, per_matrix_copies=copies)
-    first_len: dict[tuple, int] = {}
-    for c in chunks:
-        first_len.setdefault(tuple(c[0].shape), len(c))
-    return mesh, nd, chunks, first_len
-
-
-def _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=None) -> None:
-    """One CSV row (and one spectrum) per matrix of a computed chunk (a stacks.PairStackResult or
-    SingleStackResult); non-finite ones are skipped."""
-    for i, it in enumerate(chunk):
-        if not finite[i]:
-            skipped.append({"name": it.name, "reason": "non-finite values (NaN/inf)"})
-            continue
-        row = plan.row_labels(it)
-        for c in metric_cols:
-            if c in res.columns:
-                row[c] = _num(res.columns[c][i], c)
-        if extra is not None:
-            row.update(extra(res.sv[i], it))
-        rows.append(row)
-        spectra[it.name] = np.asarray(res.sv[i])
-
-
-def _num(x, col):
-    v = float(x)
-    if col in INT_COLS and math.isfinite(v):
-        return int(round(v))
-    return v
-
-
-def _progress(total: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
-    return tqdm(total=total, disable=disable, unit="matrix", desc=desc, file=sys.stderr)
-
 
 # ------------------------------------------------------------------------------------------
 # diagnose
 # ------------------------------------------------------------------------------------------
 
-def _rel(num: float, den: float) -> float:
-    """num / den; 0 when both are 0; +inf when only den is (rel_delta's rule)."""
-    if den > 0:
-        return num / den
-    return math.inf if num > 0 else 0.0
+class _Pair:
+    """One (base, tuned) pair of a diagnosis: its plan, and the rows as its chunks are computed."""
+
+    def __init__(self, base_src, tuned_src, *, rename, include, exclude):
+        self.base, self.tuned = base_src, tuned_src
+        self.items, self.skipped = plan.plan_pairs(base_src, tuned_src, rename=rename, include=include,
+                                                   exclude=exclude)
+        self.bpath, self.tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
+        if not self.items:
+            filt = " (after --include/--exclude)" if include or exclude else ""
+            raise UserError(f"{self.bpath} vs {self.tpath}: no matrix in common{filt}"
+                            f"{_why_none(base_src, tuned_src, self.skipped)}")
+        self.rows: list[dict] = []
+        self.spectra: dict = {}
+        self.redo = {"singular_values": 0, "intruders": 0, "vectors": 0}
+
+    def add(self, chunk, res, finite, metric_cols) -> None:
+        self.redo["singular_values"] += int(np.sum(res.redo_sv))
+        self.redo["intruders"] += int(np.sum(res.redo_intruders))
+        self.redo["vectors"] += int(np.sum(res.redo_vectors)) if res.redo_vectors is not None else 0
+        collect_rows(chunk, res, finite, metric_cols, self.rows, self.spectra, self.skipped)
+
+    def finish(self, *, topk: int, method: str, metrics: str, metric_cols, rename) -> DiagnoseResult:
+        rows = self.rows
+        if not rows:
+            raise UserError(f"{self.bpath} vs {self.tpath}: no comparable matrix "
+                            f"(all {len(self.skipped)} candidates skipped)")
+        energy = np.array([r["delta_fro"] ** 2 for r in rows], np.float64)
+        total = float(energy.sum())
+        for r, e in zip(rows, energy):
+            r["energy_share"] = float(e / total) if total > 0 else 0.0
+        cols = list(ID_COLS) + list(metric_cols)
+        for r in rows:  # fixed column order
+            for c in cols:
+                r.setdefault(c, None)
+        group_cols = [c for c in metric_cols if c != "energy_share"]
+        fp = footprint.footprint_stats([r["energy_share"] for r in rows])
+        fp["total_delta_energy"] = total
+        vectors, skipped = vector_rows(self.base, self.tuned, self.skipped, rename)
+        summary = {
+            "kind": "diagnose",
+            "base": str(self.bpath),
+            "tuned": str(self.tpath),
+            "topk": int(topk),
+            "method": method,
+            "metrics": metrics,
+            "not_computed": list(stacks.VECTOR_COLUMNS) if metrics == "values" else [],
+            "matrices": len(rows),
+            "vectors": len(vectors),
+            "columns": cols,
+            "footprint": fp,
+            "footprint_blocks_only": footprint.blocks_only(rows),
+            "footprint_per_parameter": footprint.per_parameter(rows),
+            "by_layer": footprint.group_means(rows, "layer", group_cols),
+            "by_module": footprint.group_means(rows, "module", group_cols),
+            "by_component": footprint.group_means(rows, "component", group_cols),
+            "skipped": skipped,
+            "recomputed_exact": dict(self.redo),
+        }
+        return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=self.spectra,
+                              vectors=vectors)
 
 
-def vector_row(name: str, b, t) -> dict:
-    """One vectors.csv row: norms, cosine and sparsities of a 1-D tensor pair, in float64."""
-    import ml_dtypes
-
-    b32, t32 = np.asarray(b, np.float32).reshape(-1), np.asarray(t, np.float32).reshape(-1)
-    b64, t64 = b32.astype(np.float64), t32.astype(np.float64)
-    nb, nt, nd = (float(np.linalg.norm(x)) for x in (b64, t64, t64 - b64))
-    if nb > 0 and nt > 0:
-        # as kernels.elementwise: 1 - (|t - b|^2 - (|b| - |t|)^2) / (2 |b| |t|), exactly 1 when equal
-        cos = float(np.clip(1.0 - (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt), -1.0, 1.0))
-    else:
-        cos = 1.0 if nb == nt else 0.0
-    p = names.parse_name(name)
-    same16 = t32.astype(ml_dtypes.bfloat16) == b32.astype(ml_dtypes.bfloat16)
-    return {"name": name, "component": p["component"], "layer": p["layer"], "module": p["module"],
-            "size": int(b32.size), "base_norm": nb, "delta_norm": nd, "rel_delta": _rel(nd, nb), "cosine": cos,
-            "update_sparsity": float(np.mean(t32 == b32)) if b32.size else 1.0,
-            "update_sparsity_bf16": float(np.mean(same16)) if b32.size else 1.0}
-
-
-def _vector_rows(base_src, tuned_src, skipped: list[dict], rename) -> tuple[list[dict], list[dict]]:
-    """vectors.csv rows for the 1-D tensors the plan skipped, and the skipped list without them.
-
-    A 1-D base tensor with a tuned partner (after --rename) of the same shape gets a row and
-    leaves `skipped`; without one it stays there as "missing in tuned" or "shape mismatch".
-    """
-    rules = names.parse_rename(rename)
-    tuned_map: dict[str, str] = {}
-    for tn in tuned_src.names():
-        tuned_map.setdefault(names.apply_rename(tn, rules), tn)
-    base_names = set(base_src.names())
-    rows, keep = [], []
-    for s in skipped:
-        n = s["name"]
-        bshape = tuple(base_src.shape(n)) if n in base_names else ()
-        if len(bshape) != 1:
-            keep.append(s)
-            continue
-        tn = tuned_map.get(n)
-        tshape = None if tn is None else tuple(tuned_src.shape(tn))
-        if tshape is None:
-            keep.append({"name": n, "reason": "missing in tuned"})
-        elif tshape != bshape:
-            keep.append({"name": n, "reason": f"shape mismatch: base {list(bshape)} vs tuned {list(tshape)}"})
-        else:
-            b, t = base_src.read(n), tuned_src.read(tn)
-            if not (np.isfinite(np.asarray(b, np.float32)).all() and np.isfinite(np.asarray(t, np.float32)).all()):
-                keep.append({"name": n, "reason": "non-finite values (NaN/inf)"})
-            else:
-                rows.append(vector_row(n, b, t))
-    return rows, keep
-
-
-def _diagnose_sources(base_src, tuned_src, *, topk=8, mesh=None, rename=(), include=None, exclude=None,
+def _diagnose_sources(base_src, tuned_srcs: Sequence, *, topk=8, mesh=None, rename=(), include=None, exclude=None,
                       method="auto", budget_mb=512.0, progress=None, eig_backend="auto",
-                      metrics="all") -> DiagnoseResult:
+                      metrics="all") -> list[DiagnoseResult]:
+    """One DiagnoseResult per tuned source. Fine-tunes whose plans agree (the usual case: the same
+    tensors) form one group: each base chunk is read once for the whole group, and on the host
+    paths the base's decompositions are computed once and shared (stacks.pair_stack base_cache).
+    A matrix with non-finite values in any checkpoint of a group is skipped in every pair of it."""
     if int(topk) < 1:
         raise UserError(f"--topk {topk}: must be at least 1")
     if metrics not in stacks.METRICS_MODES:
         raise UserError(f"--metrics {metrics}: must be 'all' or 'values'")
-    items, skipped = plan.plan_pairs(base_src, tuned_src, rename=rename, include=include, exclude=exclude)
-    bpath, tpath = getattr(base_src, "path", "<base>"), getattr(tuned_src, "path", "<tuned>")
-    if not items:
-        filt = " (after --include/--exclude)" if include or exclude else ""
-        raise UserError(f"{bpath} vs {tpath}: no matrix in common{filt}{_why_none(base_src, tuned_src, skipped)}")
-    mesh, nd, chunks, first_len = _plan_chunks(items, mesh, budget_mb, copies=6)
-    user_cols = [f"delta_{m.name}" for m in registry.registered_metrics()]
-    metric_cols = list(DIAGNOSE_COLS) + user_cols
-    rows, spectra = [], {}
-    redo_sv = redo_intr = redo_vec = 0
-    with _progress(len(items), progress, "diagnose") as bar:
-        for chunk, (b, t), finite in plan.iter_chunks(chunks, base_src, tuned_src,
-                                                          prefetch_limit_bytes=budget_mb * 2**20):
-            pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad,
-                                    metrics=metrics)
-            del b, t  # before the generator reads the next chunk
-            redo_sv += int(np.sum(res.redo_sv))
-            redo_intr += int(np.sum(res.redo_intruders))
-            redo_vec += int(np.sum(res.redo_vectors)) if res.redo_vectors is not None else 0
-            _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped)
-            bar.update(len(chunk))
-    if not rows:
-        raise UserError(f"{bpath} vs {tpath}: no comparable matrix (all {len(skipped)} candidates skipped)")
-    energy = np.array([r["delta_fro"] ** 2 for r in rows], np.float64)
-    total = float(energy.sum())
-    for r, e in zip(rows, energy):
-        r["energy_share"] = float(e / total) if total > 0 else 0.0
-    cols = list(ID_COLS) + [c for c in metric_cols]
-    for r in rows:  # fixed column order
-        for c in cols:
-            r.setdefault(c, None)
-    group_cols = [c for c in metric_cols if c != "energy_share"]
-    fp = footprint.footprint_stats([r["energy_share"] for r in rows])
-    fp["total_delta_energy"] = total
-    vectors, skipped = _vector_rows(base_src, tuned_src, skipped, rename)
-    summary = {
-        "kind": "diagnose",
-        "base": str(bpath),
-        "tuned": str(tpath),
-        "topk": int(topk),
-        "method": method,
-        "metrics": metrics,
-        "not_computed": list(stacks.VECTOR_COLUMNS) if metrics == "values" else [],
-        "matrices": len(rows),
-        "vectors": len(vectors),
-        "columns": cols,
-        "footprint": fp,
-        "footprint_blocks_only": footprint.blocks_only(rows),
-        "footprint_per_parameter": footprint.per_parameter(rows),
-        "by_layer": footprint.group_means(rows, "layer", group_cols),
-        "by_module": footprint.group_means(rows, "module", group_cols),
-        "by_component": footprint.group_means(rows, "component", group_cols),
-        "skipped": skipped,
-        "recomputed_exact": {"singular_values": redo_sv, "intruders": redo_intr, "vectors": redo_vec},
-    }
-    return DiagnoseResult(rows=[{c: r[c] for c in cols} for r in rows], summary=summary, spectra=spectra,
-                          vectors=vectors)
+    pairs = [_Pair(base_src, t, rename=rename, include=include, exclude=exclude) for t in tuned_srcs]
+    groups: dict[tuple, list[_Pair]] = {}
+    for p in pairs:
+        groups.setdefault(tuple(p.items), []).append(p)
+    metric_cols = list(DIAGNOSE_COLS) + [f"delta_{m.name}" for m in registry.registered_metrics()]
+    with plan.progress_bar(sum(len(p.items) for p in pairs), progress, "diagnose") as bar:
+        for items, group in groups.items():
+            mesh_, nd, chunks, first_len = plan.plan_chunks(list(items), mesh, budget_mb, copies=5 + len(group))
+            sources = [base_src] + [p.tuned for p in group]
+            for chunk, (b, *ts), finite in plan.iter_chunks(chunks, *sources, prefetch_limit_bytes=budget_mb * 2**20):
+                pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
+                cache: dict = {}  # this base chunk's decompositions, shared by the group's fine-tunes
+                for p, t in zip(group, ts):
+                    res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh_, eig_backend=eig_backend,
+                                            pad_to=pad, metrics=metrics, base_cache=cache if len(group) > 1 else None)
+                    p.add(chunk, res, finite, metric_cols)
+                    bar.update(len(chunk))
+                del b, ts, cache  # before the generator reads the next chunk
+    return [p.finish(topk=topk, method=method, metrics=metrics, metric_cols=metric_cols, rename=rename)
+            for p in pairs]
 
 
 def _why_none(base_src, tuned_src, skipped) -> str:
@@ -267,9 +159,9 @@ def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, r
     """
     with plan.open_source(base_params, name="<base>", layer_axis=layer_axis, layout=layout) as b, \
             plan.open_source(tuned_params, name="<tuned>", layer_axis=layer_axis, layout=layout) as t:
-        return _diagnose_sources(b, t, topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
+        return _diagnose_sources(b, [t], topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
                                  method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend,
-                                 metrics=metrics)
+                                 metrics=metrics)[0]
 
 
 def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, layer_axis=(), layout: str | None = None,
@@ -285,137 +177,31 @@ def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, laye
     Returns:
         DiagnoseResult.
     """
-    opts = dict(item=item, layer_axis=layer_axis, layout=layout)
-    with plan.open_source(base_path, **opts) as b, plan.open_source(tuned_path, **opts) as t:
-        _check_item(item, b, t)
-        return _diagnose_sources(b, t, **kw)
+    return diagnose_many(base_path, [tuned_path], item=item, layer_axis=layer_axis, layout=layout, **kw)[0]
 
 
-def _check_item(item: str | None, *sources) -> None:
-    """An --item that no source had a multi-item step to pick from is a mistake, not a no-op."""
-    if item is not None and not any(getattr(s, "item_applied", False) for s in sources):
-        paths = " and ".join(str(getattr(s, "path", "?")) for s in sources)
-        raise UserError(f"{paths}: --item {item}: no multi-item orbax step to pick it from")
-
-
-# ------------------------------------------------------------------------------------------
-# spectrum
-# ------------------------------------------------------------------------------------------
-
-def _ww(sv, item) -> dict:
-    sv = np.asarray(sv, np.float64)
-    m = ww_metrics_from_sv(sv)
-    m.update(mp_fit(sv * sv, max(item.shape), min(item.shape)))
-    return {c: float(m[c]) for c in WW_COLS}
-
-
-def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, method="auto", budget_mb=512.0,
-                     progress=None, eig_backend="auto") -> SpectrumResult:
-    if int(topk) < 1:
-        raise UserError(f"--topk {topk}: must be at least 1")
-    items, skipped = plan.plan_single(src, include=include, exclude=exclude)
-    path = getattr(src, "path", "<memory>")
-    if not items:
-        raise UserError(f"{path}: no matrix to analyse")
-    mesh, nd, chunks, first_len = _plan_chunks(items, mesh, budget_mb, copies=2)
-    user_cols = [m.name for m in registry.registered_metrics()]
-    metric_cols = list(SPECTRUM_COLS) + user_cols
-    rows, spectra = [], {}
-    with _progress(len(items), progress, "spectrum") as bar:
-        for chunk, (w,), finite in plan.iter_chunks(chunks, src, prefetch_limit_bytes=budget_mb * 2**20):
-            pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
-            res = stacks.single_stack(w, topk=topk, method=method, mesh=mesh, eig_backend=eig_backend, pad_to=pad)
-            del w  # before the generator reads the next chunk
-            _collect_rows(chunk, res, finite, metric_cols, rows, spectra, skipped, extra=_ww)
-            bar.update(len(chunk))
-    if not rows:
-        raise UserError(f"{path}: no analysable matrix (all {len(skipped)} candidates skipped)")
-    cols = list(ID_COLS) + metric_cols
-    summary = {
-        "kind": "spectrum",
-        "checkpoint": str(path),
-        "topk": int(topk),
-        "method": method,
-        "matrices": len(rows),
-        "columns": cols,
-        "by_layer": footprint.group_means(rows, "layer", metric_cols),
-        "by_module": footprint.group_means(rows, "module", metric_cols),
-        "by_component": footprint.group_means(rows, "component", metric_cols),
-        "skipped": skipped,
-    }
-    return SpectrumResult(rows=[{c: r.get(c) for c in cols} for r in rows], summary=summary, spectra=spectra)
-
-
-def spectrum(params_or_path: Any, *, item: str | None = None, layer_axis=(), layout: str | None = None,
-             **kw) -> SpectrumResult:
-    """Per-matrix spectra and metrics (incl. WeightWatcher-compatible ones) of one pytree or checkpoint.
+def diagnose_many(base_path, tuned_paths: Sequence, *, item: str | None = None, layer_axis=(),
+                  layout: str | None = None, **kw) -> list[DiagnoseResult]:
+    """One base against several fine-tunes, streamed: the base is read and decomposed once.
 
     Args:
-        params_or_path: a parameter pytree, or a checkpoint path (diagnostics.plan.open_source).
+        base_path: the base checkpoint.
+        tuned_paths: the fine-tuned checkpoints (files, folders or hub ids).
         item, layer_axis, layout: as in diagnose_checkpoints().
-        **kw: topk, mesh, include, exclude, method, budget_mb, progress, eig_backend as in diagnose().
+        **kw: diagnose()'s other keyword arguments.
 
     Returns:
-        SpectrumResult (rows, summary, spectra).
+        One DiagnoseResult per fine-tune, in order; each is what diagnose_checkpoints() gives for
+        that pair alone.
     """
-    with plan.open_source(params_or_path, item=item, layer_axis=layer_axis, layout=layout) as src:
-        _check_item(item, src)
-        return _spectrum_source(src, **kw)
+    import contextlib
 
-
-# ------------------------------------------------------------------------------------------
-# outputs
-# ------------------------------------------------------------------------------------------
-
-def finite_or_none(obj):
-    """`obj` with every non-finite float (NaN, inf) as None, recursively: what JSON can hold."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (np.floating,)):
-        return finite_or_none(float(obj))
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
-def rows_to_csv(rows: list[dict], cols: list[str], empty=()) -> str:
-    """CSV text of `rows` in column order `cols` (floats as repr, None as empty; the columns in
-    `empty` are written empty whatever they hold: columns that were not computed)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        w.writerow(["" if r.get(c) is None or c in empty else (repr(r[c]) if isinstance(r[c], float) else r[c])
-                    for c in cols])
-    return buf.getvalue()
-
-
-def write_outputs(result, out_dir) -> Path:
-    """metrics.csv, summary.json, report (md + PNG) and, for diagnose, vectors.csv into out_dir, atomically.
-
-    Args:
-        result: a DiagnoseResult or SpectrumResult.
-        out_dir: the output folder (replaced as a whole; see fileio.check_output_dir).
-
-    Returns:
-        The output folder.
-    """
-    kind = result.summary.get("kind", "diagnose")
-    out = fileio.check_output_dir(out_dir)
-    with fileio.atomic_output_dir(out) as tmp:
-        fileio.atomic_write_text(tmp / "metrics.csv", rows_to_csv(result.rows, result.summary["columns"],
-                                                                  empty=result.summary.get("not_computed", ())))
-        if kind == "diagnose":
-            fileio.atomic_write_text(tmp / "vectors.csv", rows_to_csv(getattr(result, "vectors", []), VECTOR_CSV_COLS))
-        fileio.atomic_write_json(tmp / "summary.json", finite_or_none(result.summary))
-        write_report(tmp, result.rows, result.summary, result.spectra, kind=kind)
-    return Path(out)
-
-
-write_diagnose_outputs = write_outputs
-write_spectrum_outputs = write_outputs
+    opts = dict(item=item, layer_axis=layer_axis, layout=layout)
+    with contextlib.ExitStack() as stack:
+        b = stack.enter_context(plan.open_source(base_path, **opts))
+        ts = [stack.enter_context(plan.open_source(t, **opts)) for t in tuned_paths]
+        plan.check_item(item, b, *ts)
+        return _diagnose_sources(b, ts, **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -436,20 +222,36 @@ def _layout_args(args) -> dict:
     return {"item": args.item, "layer_axis": args.layer_axis, "layout": args.layout}
 
 
+def _summary_line(where, res) -> str:
+    fp = res.summary["footprint"]
+    return (f"{where}: {len(res.rows)} matrices, {len(res.vectors)} vectors, {len(res.summary['skipped'])} skipped; "
+            f"footprint entropy {fp['entropy']:.3f}, gini {fp['gini']:.3f}, "
+            f"matrices_for_90pct {fp['matrices_for_90pct']:.3f}")
+
+
 def diagnose_cli(args) -> int:
-    fileio.check_output_dir(args.out)
-    _check_inputs(args.base, args.tuned)
+    tuned = list(args.tuned)
+    out = fileio.check_output_dir(args.out)
+    _check_inputs(args.base, *tuned)
     if args.batch_budget_mb <= 0:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
     fileio.enable_compilation_cache()
-    res = diagnose_checkpoints(args.base, args.tuned, topk=args.topk, rename=args.rename, include=args.include,
-                               exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
-                               metrics=args.metrics, **_layout_args(args))
-    write_outputs(res, args.out)
-    fp = res.summary["footprint"]
-    print(f"{args.out}: {len(res.rows)} matrices, {len(res.vectors)} vectors, {len(res.summary['skipped'])} skipped; "
-          f"footprint entropy "
-          f"{fp['entropy']:.3f}, gini {fp['gini']:.3f}, matrices_for_90pct {fp['matrices_for_90pct']:.3f}")
+    results = diagnose_many(args.base, tuned, topk=args.topk, rename=args.rename, include=args.include,
+                            exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
+                            metrics=args.metrics, **_layout_args(args))
+    if len(results) == 1:
+        write_outputs(results[0], out)
+        print(_summary_line(args.out, results[0]))
+        return 0
+    labels = unique_labels(tuned)
+    with fileio.atomic_output_dir(out) as tmp:  # every pair's folder and the comparison, or nothing
+        for label, res in zip(labels, results):
+            (tmp / label).mkdir()
+            write_result_files(res, tmp / label)
+        write_comparison(tmp, str(args.base), labels, results)
+    for label, res in zip(labels, results):
+        print(_summary_line(Path(args.out) / label, res))
+    print(f"{args.out}: comparison of {len(results)} fine-tunes in comparison.md and comparison.csv")
     return 0
 
 

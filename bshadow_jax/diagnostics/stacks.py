@@ -174,7 +174,8 @@ def _values_pairs(base_BxMxN, tuned_BxMxN, *, method: str, on_host: bool, mesh, 
 
 
 def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", mesh=None,
-               eig_backend: str = "auto", pad_to: int = 0, metrics: str = "all") -> PairStackResult:
+               eig_backend: str = "auto", pad_to: int = 0, metrics: str = "all",
+               base_cache: dict | None = None) -> PairStackResult:
     """Metrics of the fine-tuning deltas of a stack of (base, tuned) pairs.
 
     Args:
@@ -185,6 +186,9 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
         eig_backend: "auto", "host" or "jax" (use_host).
         pad_to: pad device stacks to at least this length (one compile per shape across chunks).
         metrics: "all", or "values" (no vectors: VECTOR_COLUMNS are NaN).
+        base_cache: one dict per base stack when the same base stack is paired with several tuned
+            stacks: the host paths decompose the base once and reuse it (the device paths, whose
+            per-pair kernels are fused, recompute it).
 
     Returns:
         PairStackResult of the B pairs.
@@ -206,9 +210,9 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
                          sv=sc.sv, user=sc.user, redo_sv=no if sc.redo_sv is None else np.asarray(sc.redo_sv)[:B],
                          redo_intruders=no, redo_vectors=no)
     elif method == "svd" and on_host:
-        pc = host.exact_pairs(base_BxMxN, tuned_BxMxN, topk=topk)
+        pc = host.exact_pairs(base_BxMxN, tuned_BxMxN, topk=topk, base_cache=base_cache)
     elif method == "gram" and on_host:
-        pc = host.partial_pairs(base_BxMxN, tuned_BxMxN, topk=topk)
+        pc = host.partial_pairs(base_BxMxN, tuned_BxMxN, topk=topk, base_cache=base_cache)
     elif method == "svd":
         pc = exact.device_pairs(base_BxMxN, tuned_BxMxN, topk=topk, mesh=mesh, pad_to=pad_to)
     else:

@@ -24,7 +24,7 @@ from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
-from bshadow_jax.diagnostics import run as drun
+from bshadow_jax.diagnostics import results as dresults
 from bshadow_jax.errors import UserError
 from bshadow_jax.evals import evaluate as _evaluate
 from bshadow_jax.fileio import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, safe_join
@@ -86,8 +86,8 @@ def write_diagnose(result, out_dir: Path, *, figures: bool = True) -> None:
         diagnostics.write_diagnose_outputs(result, out_dir)
         return
     with atomic_output_dir(out_dir) as tmp:
-        atomic_write_text(tmp / "metrics.csv", drun.rows_to_csv(result.rows, result.summary["columns"]))
-        atomic_write_json(tmp / "summary.json", drun.finite_or_none(result.summary))
+        atomic_write_text(tmp / "metrics.csv", dresults.rows_to_csv(result.rows, result.summary["columns"]))
+        atomic_write_json(tmp / "summary.json", dresults.finite_or_none(result.summary))
         fp = result.summary.get("footprint", {})
         atomic_write_text(tmp / "report.md", (
             f"# Diagnose: fine-tune vs base\n\n{result.summary.get('matrices')} matrices; footprint entropy "
