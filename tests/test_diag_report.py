@@ -144,7 +144,7 @@ def test_heatmap_grid_layers_only_drops_matrices_without_a_layer():
 
 
 def test_report_footprint_fallback_is_summary_footprint_stats(tmp_path):
-    # without a footprint in the summary (spectrum), report.md computes the same numbers as
+    # without a footprint in the summary, report.md computes the same numbers as
     # summary.json's footprint_stats, 90% rule included (the shares' float sum is not exactly 1
     # here, and the head share sits right at 90% of it)
     from bshadow_jax.diagnostics.footprint import footprint_stats
@@ -153,7 +153,7 @@ def test_report_footprint_fallback_is_summary_footprint_stats(tmp_path):
               0.0273005345057325, 0.006019235915350629]
     rows = [{"name": f"model.layers.{i}.mlp.up_proj.weight", "component": "language_model", "layer": i,
              "module": "up_proj", "rows": 4, "cols": 4, "energy_share": s} for i, s in enumerate(shares)]
-    rp.write_report(tmp_path, rows, {}, {}, kind="spectrum")
+    rp.write_report(tmp_path, rows, {}, {}, kind="diagnose")
     md = (tmp_path / "report.md").read_text()
     fp = footprint_stats(shares)
     assert f"| matrices_for_90pct | {reporting.fmt(fp['matrices_for_90pct'])} |" in md
@@ -226,7 +226,5 @@ def test_spectrum_report_alpha_histogram(tmp_path):
     ok = np.array([r["alpha"] for r in rows[1:]])
     assert f"| median alpha | {np.median(ok):.4g} |" in md
     assert f"| alpha < 2 (WW: over-trained) | {int((ok < 2).sum())} |" in md
-    # without energy_share, shares are the weights' own ‖W‖F² fractions
-    fro2 = np.array([r["fro"] ** 2 for r in rows])
-    entropy, _, _ = _independent_footprint(fro2)
-    assert f"| footprint entropy | {entropy:.4g} |" in md
+    # a footprint describes an update: the weights' own ‖W‖F² shares get no "footprint entropy" line
+    assert "footprint entropy" not in md and "matrices_for_90pct" not in md

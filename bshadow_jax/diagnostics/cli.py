@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prefix rule applied to TUNED names before pairing, e.g. model.language_model.=model. (repeatable)",
     )
     d.add_argument("--batch-budget-mb", type=float, default=512.0, help="memory budget for one stack of matrices")
+    d.add_argument("--probe", metavar="TEXT",
+                   help="a UTF-8 text file: also measure KL divergence, perplexities and top-1 agreement of the two "
+                        "models on it (probe.json and a report section; needs Llama-family checkpoints with a tokenizer)")
+    d.add_argument("--probe-seq-len", type=int, default=256, metavar="N", help="tokens per probe row (default 256)")
     d.add_argument(
         "--metrics", choices=("all", "values"), default="all",
         help="all (default): every column; values: only what singular values and norms give, skipping the "

@@ -328,3 +328,22 @@ def check_item(item: str | None, *sources) -> None:
     if item is not None and not any(getattr(s, "item_applied", False) for s in sources):
         paths = " and ".join(str(getattr(s, "path", "?")) for s in sources)
         raise UserError(f"{paths}: --item {item}: no multi-item orbax step to pick it from")
+
+
+# stored dtypes the readers dequantize (GGUF block formats): worth a sentence in the report
+_FLOAT_STORAGE = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "float64", "float32", "float16", "bfloat16"}
+
+
+def describe_source(src) -> dict:
+    """What a report says about a checkpoint: its path, kind, and the stored dtypes of its tensors
+    (count per dtype), with `dequantized` listing the quantized ones the reader turned into float32."""
+    dtypes: dict[str, int] = {}
+    for n in src.names():
+        try:
+            d = str(src.dtype(n))
+        except Exception:  # noqa: BLE001 - a description must not fail a diagnosis
+            d = "?"
+        dtypes[d] = dtypes.get(d, 0) + 1
+    quant = sorted(d for d in dtypes if d not in _FLOAT_STORAGE and d != "?" and not d.startswith(("I", "U", "int", "uint")))
+    return {"path": str(getattr(src, "path", "<memory>")), "kind": getattr(src, "kind", "?"),
+            "dtypes": dict(sorted(dtypes.items())), "dequantized": quant}

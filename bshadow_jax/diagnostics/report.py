@@ -17,20 +17,13 @@ import numpy as np
 
 from bshadow_jax.diagnostics.footprint import footprint_stats
 from bshadow_jax.fileio import atomic_write_text
-from bshadow_jax.reporting import (cell, docs_ref, fmt, layer_module_grid, module_key, new_figure, num, save_figure,
-                                   table)
+from bshadow_jax.diagnostics.report_figures import (FIG_ALPHA, FIG_ENERGY, FIG_ERANK, FIG_FOOTPRINT,
+                                                    FIG_SPECTRA, TOP_ESD, _alpha_figure, _esd_fit_figure,
+                                                    _footprint_figure, _heatmap, _spectra_figure)
+from bshadow_jax.reporting import cell, docs_ref, fmt, module_key, num, table
 
 TOP_SPECTRA = 8
 TOP_TABLE = 10
-
-FIG_ENERGY = "heatmap_energy_share.png"
-FIG_ERANK = "heatmap_effective_rank.png"
-FIG_SPECTRA = "spectra_top.png"
-FIG_FOOTPRINT = "footprint_curve.png"
-FIG_ALPHA = "alpha_hist.png"
-ESD_DIR = "esd_fits"  # spectrum: one log-log ESD with its power-law fit per top matrix
-TOP_ESD = 4
-
 
 # ------------------------------------------------------------------------------------------
 # small helpers
@@ -71,145 +64,6 @@ def _skipped_items(skipped: Any) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------------
 # figures
-# ------------------------------------------------------------------------------------------
-
-def _heatmap(out_dir: Path, name: str, rows, values, *, reduce: str, title: str, cbar: str) -> str | None:
-    if not rows:
-        return None
-    row_labels, mod_labels, grid = layer_module_grid(rows, values, reduce=reduce)
-    nr, nc = grid.shape
-    fig = new_figure(min(2.0 + 0.9 * nc, 24), min(1.6 + 0.28 * nr, 40))
-    ax = fig.add_subplot(1, 1, 1)
-    masked = np.ma.masked_invalid(grid)
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    finite = grid[np.isfinite(grid)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmax <= vmin:
-        vmax = vmin + (abs(vmin) or 1.0) * 1e-6
-    im = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks(range(nc), mod_labels, rotation=45, ha="right", fontsize=8)
-    step = max(1, nr // 40)
-    ax.set_yticks(range(0, nr, step), row_labels[::step], fontsize=7)
-    ax.set_xlabel("module")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=cbar)
-    if nr * nc <= 160:  # small grids: print the numbers too
-        for i in range(nr):
-            for j in range(nc):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6,
-                            color="white" if grid[i, j] < (vmin + vmax) / 2 else "black")
-    return save_figure(fig, out_dir / name)
-
-
-def _spectra_figure(out_dir: Path, names: Sequence[str], spectra: Mapping[str, Any], kind: str) -> str | None:
-    curves = []
-    for n in names:
-        sv = np.asarray(spectra.get(n), dtype=np.float64).reshape(-1)
-        sv = np.sort(sv[np.isfinite(sv)])[::-1]
-        if sv.size:
-            curves.append((n, sv))
-    if not curves:
-        return None
-    fig = new_figure(11, 4.2)
-    ax1 = fig.add_subplot(1, 2, 1)
-    ax2 = fig.add_subplot(1, 2, 2)
-    for n, sv in curves:
-        short = n if len(n) <= 48 else "…" + n[-47:]
-        idx = np.arange(1, sv.size + 1)
-        pos = sv > 0
-        if pos.any():
-            ax1.loglog(idx[pos], sv[pos], lw=1.2, label=short)
-        e = sv * sv
-        tot = e.sum()
-        ax2.plot(idx, np.cumsum(e) / tot if tot > 0 else np.zeros_like(e), lw=1.2)
-    what = "ΔW" if kind == "diagnose" else "W"
-    ax1.set_xlabel("index i")
-    ax1.set_ylabel(f"σ_i of {what}")
-    ax1.set_title(f"singular values of the top matrices ({what})")
-    if ax1.get_legend_handles_labels()[0]:
-        ax1.legend(fontsize=6, loc="lower left")
-    ax2.set_xscale("log")
-    ax2.axhline(0.9, color="grey", ls="--", lw=0.8)
-    ax2.set_xlabel("index i")
-    ax2.set_ylabel("cumulative fraction of Σσ²")
-    ax2.set_ylim(0, 1.02)
-    ax2.set_title("cumulative energy within each matrix")
-    return save_figure(fig, out_dir / FIG_SPECTRA)
-
-
-def _footprint_figure(out_dir: Path, shares: np.ndarray, frac90: float, kind: str) -> str | None:
-    n = shares.size
-    if n == 0 or not shares.sum() > 0:
-        return None
-    s = np.sort(shares / shares.sum())[::-1]
-    x = np.arange(1, n + 1) / n
-    fig = new_figure(5.5, 4.2)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(np.concatenate([[0], x]), np.concatenate([[0], np.cumsum(s)]), marker="." if n <= 60 else None,
-            lw=1.5, label="cumulative energy share")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="uniform")
-    ax.axhline(0.9, color="tab:red", lw=0.8, ls="--", label="90%")
-    if frac90 > 0:
-        ax.axvline(frac90, color="tab:red", lw=0.8, ls=":")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel(f"fraction of matrices (sorted by share, N={n})")
-    ax.set_ylabel("cumulative share of " + ("‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"))
-    ax.set_title(f"footprint curve: 90% in {frac90:.1%} of matrices")
-    ax.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, out_dir / FIG_FOOTPRINT)
-
-
-def _alpha_figure(out_dir: Path, alphas: np.ndarray) -> str | None:
-    a = alphas[np.isfinite(alphas) & (alphas > 0)]  # WW reports -1 for a failed fit
-    if a.size == 0:
-        return None
-    fig = new_figure(5.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.hist(np.clip(a, 0, 20), bins=min(40, max(5, a.size // 2)), color="tab:blue", alpha=0.8)
-    for t in (2.0, 6.0):  # WW's over-/under-trained thresholds
-        ax.axvline(t, color="tab:red", ls="--", lw=0.8)
-    ax.set_xlabel("alpha (WeightWatcher power-law exponent, clipped at 20)")
-    ax.set_ylabel("matrices")
-    ax.set_title(f"alpha over {a.size} matrices (median {np.median(a):.2f})")
-    return save_figure(fig, out_dir / FIG_ALPHA)
-
-
-def _esd_fit_figure(out_dir: Path, i: int, name: str, sv, row: Mapping) -> str | None:
-    """log-log ESD (density of λ = σ²) of one matrix with its fitted power law from xmin."""
-    lam = np.asarray(sv, dtype=np.float64).reshape(-1) ** 2
-    lam = lam[np.isfinite(lam) & (lam > 0)]
-    if lam.size < 2 or lam.max() <= lam.min():
-        return None
-    alpha, xmin, D = num(row.get("alpha")), num(row.get("xmin")), num(row.get("D"))
-    fig = new_figure(5.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    bins = np.logspace(np.log10(lam.min()), np.log10(lam.max()), min(60, max(8, lam.size // 4)) + 1)
-    dens, edges = np.histogram(lam, bins=bins, density=True)
-    mid = np.sqrt(edges[:-1] * edges[1:])
-    ax.loglog(mid[dens > 0], dens[dens > 0], ".", color="tab:blue", label="ESD")
-    if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:
-        x = np.logspace(np.log10(xmin), np.log10(lam.max()), 50)
-        tail = float(np.mean(lam >= xmin))
-        ax.loglog(x, tail * (alpha - 1) / xmin * (x / xmin) ** (-alpha), color="tab:red",
-                  label=f"power law, alpha={alpha:.2f}")
-        ax.axvline(xmin, color="grey", ls="--", lw=0.8, label=f"xmin={xmin:.3g}")
-    ax.set_xlabel("eigenvalue λ = σ² of WᵀW")
-    ax.set_ylabel("density")
-    short = name if len(name) <= 48 else "…" + name[-47:]
-    ax.set_title(f"{short}\nD={fmt(D)}", fontsize=8)
-    ax.legend(fontsize=7)
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)[:80]
-    (out_dir / ESD_DIR).mkdir(exist_ok=True)
-    return f"{ESD_DIR}/" + save_figure(fig, out_dir / ESD_DIR / f"{i:02d}_{safe}.png")
-
-
-# ------------------------------------------------------------------------------------------
-# report
 # ------------------------------------------------------------------------------------------
 
 def _group_table(rows, shares, key, metric_cols, precomputed) -> list[list[str]]:
@@ -316,6 +170,38 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     return {"report": str(out / "report.md"), "figures": figures, "esd_fits": [f for _, f in esd]}
 
 
+def _checkpoints_md(sources: Any) -> list[str]:
+    """Which checkpoints, in which format and stored dtypes, and what the readers dequantized."""
+    if not isinstance(sources, Mapping) or not sources:
+        return []
+    body, notes = [], []
+    for role, d in sources.items():
+        if not isinstance(d, Mapping):
+            continue
+        dt = d.get("dtypes") or {}
+        body.append([cell(role), f"`{cell(d.get('path'))}`", cell(d.get("kind")),
+                     cell(", ".join(f"{k} × {v}" for k, v in dt.items()))])
+        if d.get("dequantized"):
+            q = ", ".join(d["dequantized"])
+            notes.append(f"The {role} checkpoint stores {q} tensors: they were dequantized to float32 before any "
+                         "metric, so its deltas include the quantization error.")
+    return ["", "## Checkpoints", ""] + table(["role", "path", "format", "stored dtypes (tensors)"], body) + \
+        ([""] + notes if notes else [])
+
+
+def _probe_md(probe: Any) -> list[str]:
+    if not isinstance(probe, Mapping):
+        return []
+    facts = [("text", f"`{cell(probe.get('text'))}`"), ("tokens scored", fmt(probe.get("tokens"))),
+             ("KL(base ‖ tuned), nats/token", fmt(probe.get("kl_base_tuned"))),
+             ("KL(tuned ‖ base), nats/token", fmt(probe.get("kl_tuned_base"))),
+             ("perplexity base → tuned", f"{fmt(probe.get('ppl_base'))} → {fmt(probe.get('ppl_tuned'))}"),
+             ("top-1 agreement", fmt(probe.get("top1_agreement")))]
+    return ["", "## Functional change on the probe text", "",
+            f"How much the predictions moved, beside how much the weights moved ({docs_ref('metrics.md', 'probe')}).",
+            ""] + table(["quantity", "value"], facts)
+
+
 def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank_col, top_spec) -> str:
     title = title or ("bshadow diagnose: spectral footprint of the fine-tuning delta" if kind == "diagnose"
                       else "bshadow spectrum: weight spectra")
@@ -329,13 +215,17 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
                  "num_spikes and mp_softrank "
                  f"as WeightWatcher 0.7.x computes them. Definitions: {docs_ref('metrics.md', 'power-law-metrics')}; "
                  f"files and columns: {docs_ref('outputs.md', 'spectrum-output')}.")
+    L += _checkpoints_md(summary.get("sources"))
     L += ["", "## Summary", ""]
-    facts = [("matrices analysed", str(n)), ("tensors skipped", str(len(skipped))),
-             ("footprint entropy", fmt(fp.get("entropy"))), ("footprint gini", fmt(fp.get("gini"))),
-             ("matrices_for_90pct", fmt(fp.get("matrices_for_90pct")))]
-    frac = num(fp.get("matrices_for_90pct"))
-    if math.isfinite(frac) and n:
-        facts.append(("matrices holding 90% of the energy", f"{int(round(frac * n))} of {n}"))
+    facts = [("matrices analysed", str(n)), ("tensors skipped", str(len(skipped)))]
+    if kind == "diagnose":  # a footprint is a property of an update, not of the weights themselves
+        facts += [("footprint entropy", fmt(fp.get("entropy"))), ("footprint gini", fmt(fp.get("gini"))),
+                  ("matrices_for_90pct", fmt(fp.get("matrices_for_90pct")))]
+        frac = num(fp.get("matrices_for_90pct"))
+        if math.isfinite(frac) and n:
+            facts.append(("matrices holding 90% of the energy", f"{int(round(frac * n))} of {n}"))
+        changed = int(np.sum(shares > 0))
+        facts.append(("matrices changed (ΔW ≠ 0)", f"{changed} of {n}"))
     if kind == "diagnose":
         dfro = np.array([num(r.get("delta_fro")) for r in rows])
         bfro = np.array([num(r.get("base_fro")) for r in rows])
@@ -357,6 +247,8 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
         L += ["", "No matrix was analysed."]
     else:
         order = np.argsort(-shares, kind="stable")[:TOP_TABLE]
+        if kind == "diagnose":  # a matrix that did not change has nothing to show
+            order = np.array([i for i in order if shares[i] > 0], dtype=int)
         if kind == "diagnose":
             cols = ["rel_delta", "energy_share", f"{d}effective_rank", f"{d}stable_rank", f"{d}energy_rank_90",
                     "base_overlap", "intruder_count"]
@@ -373,7 +265,8 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
                          cell(r.get("module") or ""), shape] + vals)
         share_of = "‖ΔW‖F²" if kind == "diagnose" else "‖W‖F²"
         L += ["", f"## Top {len(order)} matrices by energy share (of {share_of})", ""]
-        L += table(["name", "component", "layer", "module", "shape"] + cols, body)
+        L += table(["name", "component", "layer", "module", "shape"] + cols, body) if body else \
+            ["No matrix changed: ΔW = 0 everywhere."]
 
         metric_cols = [c for c in ("rel_delta", f"{d}effective_rank", f"{d}stable_rank") if any(c in r for r in rows)]
         if kind == "spectrum":
@@ -385,6 +278,7 @@ def _markdown(rows, shares, summary, fp, skipped, figures, kind, title, d, erank
             L += ["", f"## By {label}", ""]
             L += table([label, "matrices", "energy share"] + [f"mean {c}" for c in metric_cols], body)
 
+    L += _probe_md(summary.get("probe"))
     L += ["", "## Skipped tensors", ""]
     if skipped:
         # group "shape mismatch: base [..] vs tuned [..]" and the like by their lead words

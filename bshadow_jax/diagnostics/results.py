@@ -121,6 +121,8 @@ def write_result_files(result, folder: Path) -> None:
     if kind == "diagnose":
         fileio.atomic_write_text(folder / "vectors.csv", rows_to_csv(getattr(result, "vectors", []), VECTOR_CSV_COLS))
     fileio.atomic_write_json(folder / "summary.json", finite_or_none(result.summary))
+    if result.summary.get("probe") is not None:
+        fileio.atomic_write_json(folder / "probe.json", finite_or_none(result.summary["probe"]))
     write_report(folder, result.rows, result.summary, result.spectra, kind=kind)
 
 

@@ -16,6 +16,7 @@ from bshadow_jax.diagnostics.results import (DIAGNOSE_COLS, ID_COLS, DiagnoseRes
 from bshadow_jax.diagnostics.weights import spectrum
 from bshadow_jax.diagnostics.vectors import vector_rows
 from bshadow_jax.errors import UserError, refuse_pickle
+from bshadow_jax.evals.probe import probe_checkpoints, read_probe_text
 from bshadow_jax.formats.hub import looks_like_hub_id
 from bshadow_jax.formats.layout import parse_layer_axis
 
@@ -66,6 +67,7 @@ class _Pair:
             "kind": "diagnose",
             "base": str(self.bpath),
             "tuned": str(self.tpath),
+            "sources": {"base": plan.describe_source(self.base), "tuned": plan.describe_source(self.tuned)},
             "topk": int(topk),
             "method": method,
             "metrics": metrics,
@@ -235,10 +237,17 @@ def diagnose_cli(args) -> int:
     _check_inputs(args.base, *tuned)
     if args.batch_budget_mb <= 0:
         raise UserError(f"--batch-budget-mb {args.batch_budget_mb}: must be positive")
+    if args.probe is not None:
+        read_probe_text(args.probe)  # a missing or empty text fails before anything is computed
+        if args.probe_seq_len < 1:
+            raise UserError(f"--probe-seq-len {args.probe_seq_len}: must be at least 1")
     fileio.enable_compilation_cache()
     results = diagnose_many(args.base, tuned, topk=args.topk, rename=args.rename, include=args.include,
                             exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
                             metrics=args.metrics, **_layout_args(args))
+    if args.probe is not None:
+        for t, res in zip(tuned, results):
+            res.summary["probe"] = probe_checkpoints(args.base, t, args.probe, seq_len=args.probe_seq_len)
     if len(results) == 1:
         write_outputs(results[0], out)
         print(_summary_line(args.out, results[0]))

@@ -43,6 +43,7 @@ def _spectrum_source(src, *, topk=8, mesh=None, include=None, exclude=None, meth
     summary = {
         "kind": "spectrum",
         "checkpoint": str(path),
+        "sources": {"checkpoint": plan.describe_source(src)},
         "topk": int(topk),
         "method": method,
         "matrices": len(rows),
