@@ -33,7 +33,6 @@ full-rank spectrum.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -49,13 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
-from diagnose_baselines import get_tensor, weight_map  # beside this script
+from diagnose_checks import agreement, load_results, vector_metric_check  # beside this script
 from llama_pair import delta_scale, pair_plan  # beside this script; shared with gpu_bench.py
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 32000, 1024, 16, 4, 64, 2816
 RANK, NOISE = 16, 1e-4
 SHARD_BYTES = 500 * 2**20
-ALL_TOOLS = ("ours", "scipy", "ww", "modeldelta")
+ALL_TOOLS = ("ours", "ours_values", "scipy", "ww", "modeldelta")
 
 
 # ------------------------------------------------------------------------------------------
@@ -79,13 +78,18 @@ def tensor_plan(layers: int) -> list[tuple[str, tuple[int, ...]]]:
                       "kv_heads": KV_HEADS})
 
 
-def _tensors(name: str, shape: tuple[int, ...], layers: int) -> tuple[np.ndarray, np.ndarray]:
+def _tensors(name: str, shape: tuple[int, ...], layers: int, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(base, tuned) of one tensor; variant k > 0 is another fine-tune of the same base (its own delta)."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     if len(shape) == 1:
         base = np.ones(shape, np.float32)
+        if variant:
+            rng = np.random.default_rng(zlib.crc32(f"{name}#{variant}".encode()))
         return base, base + np.float32(1e-3) * rng.standard_normal(shape, dtype=np.float32)
     base = rng.standard_normal(shape, dtype=np.float32)
     base *= np.float32(0.02)
+    if variant:
+        rng = np.random.default_rng(zlib.crc32(f"{name}#{variant}".encode()))
     a = rng.standard_normal((shape[0], RANK), dtype=np.float32)
     b = rng.standard_normal((RANK, shape[1]), dtype=np.float32)
     tuned = (a @ b) * np.float32(delta_scale(name, layers) / math.sqrt(RANK * shape[1]))
@@ -94,13 +98,15 @@ def _tensors(name: str, shape: tuple[int, ...], layers: int) -> tuple[np.ndarray
     return base, tuned
 
 
-def generate_pair(root: Path, layers: int) -> tuple[Path, Path]:
-    """Write root/base and root/tuned (reused when a complete pair of this shape is there)."""
+def generate_pair(root: Path, layers: int, extra: int = 0) -> tuple[Path, Path]:
+    """Write root/base and root/tuned, and `extra` more fine-tunes of the same base as root/tuned2, ...
+    (reused when a complete set of this shape is there)."""
     from safetensors.numpy import save_file
 
     base_dir, tuned_dir = root / "base", root / "tuned"
+    extra_dirs = [root / f"tuned{k + 2}" for k in range(extra)]
     stamp = root / "COMPLETE.json"
-    want = {"layers": layers, "config": hf_config(layers), "rank": RANK, "noise": NOISE, "v": 1}
+    want = {"layers": layers, "config": hf_config(layers), "rank": RANK, "noise": NOISE, "v": 1, "extra": extra}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return base_dir, tuned_dir
     shutil.rmtree(root, ignore_errors=True)
@@ -115,7 +121,7 @@ def generate_pair(root: Path, layers: int) -> tuple[Path, Path]:
         size += nbytes
     shards.append(cur)
     total = sum(4 * math.prod(s) for _, s in plan)
-    for d in (base_dir, tuned_dir):
+    for d in (base_dir, tuned_dir, *extra_dirs):
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(hf_config(layers), indent=2))
     weight_map = {}
@@ -128,9 +134,12 @@ def generate_pair(root: Path, layers: int) -> tuple[Path, Path]:
             weight_map[name] = fname
         save_file(b, str(base_dir / fname), metadata={"format": "pt"})
         save_file(t, str(tuned_dir / fname), metadata={"format": "pt"})
+        for k, d in enumerate(extra_dirs):
+            save_file({name: _tensors(name, shape, layers, k + 1)[1] for name, shape in shard}, str(d / fname),
+                      metadata={"format": "pt"})
         del b, t
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    for d in (base_dir, tuned_dir):
+    for d in (base_dir, tuned_dir, *extra_dirs):
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     stamp.write_text(json.dumps(want))
     print(f"generated {layers}-layer pair in {time.perf_counter() - t0:.1f}s: {len(plan)} tensors, "
@@ -138,12 +147,39 @@ def generate_pair(root: Path, layers: int) -> tuple[Path, Path]:
     return base_dir, tuned_dir
 
 
-def generate_pair_in_child(root: Path, layers: int, tiny: bool) -> tuple[Path, Path]:
+def generate_pair_in_child(root: Path, layers: int, tiny: bool, extra: int = 0) -> tuple[Path, Path]:
     """generate_pair in a child process: Linux keeps a process's peak RSS across fork+exec, so
     children timed later would inherit the peak of a parent that had held the generated tensors."""
-    cmd = [sys.executable, os.path.abspath(__file__), "_generate", str(root), str(layers)] + (["tiny"] if tiny else [])
-    subprocess.run(cmd, check=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "_generate", str(root), str(layers), str(extra)]
+    subprocess.run(cmd + (["tiny"] if tiny else []), check=True)
     return root / "base", root / "tuned"
+
+
+def measure_many(base: Path, tuned: list[Path], work: Path, repeats: int) -> dict:
+    """One `bshadow diagnose BASE T1 .. TN` process against N single-pair processes, interleaved."""
+    exe = shutil.which("bshadow") or str(Path(sys.executable).with_name("bshadow"))
+    many, separate = [], []
+    for r in range(repeats):
+        shutil.rmtree(work / "out_many", ignore_errors=True)
+        m = run_timed([exe, "diagnose", str(base), *map(str, tuned), "--out", str(work / "out_many")],
+                      work / "log_many.txt")
+        parts = []
+        for i, t in enumerate(tuned):
+            shutil.rmtree(work / f"out_sep{i}", ignore_errors=True)
+            parts.append(run_timed([exe, "diagnose", str(base), str(t), "--out", str(work / f"out_sep{i}")],
+                                   work / f"log_sep{i}.txt"))
+        if m["rc"] or any(p["rc"] for p in parts):
+            return {"failed": True, "rc": [m["rc"]] + [p["rc"] for p in parts]}
+        many.append(m)
+        separate.append({"wall_s": sum(p["wall_s"] for p in parts),
+                         "peak_rss_bytes": max(p["peak_rss_bytes"] for p in parts)})
+        print(f"  repeat {r + 1}/{repeats} one base vs {len(tuned)}: {m['wall_s']:.2f} s in one process, "
+              f"{separate[-1]['wall_s']:.2f} s as {len(tuned)} processes", file=sys.stderr, flush=True)
+    one = statistics.median(m["wall_s"] for m in many)
+    sep = statistics.median(s["wall_s"] for s in separate)
+    return {"tuned": len(tuned), "one_process_median_s": one, "separate_median_s": sep, "ratio": one / sep,
+            "one_process_peak_rss_bytes": max(m["peak_rss_bytes"] for m in many),
+            "separate_peak_rss_bytes": max(s["peak_rss_bytes"] for s in separate)}
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -172,72 +208,15 @@ def tool_cmd(tool: str, base: Path, tuned: Path, work: Path) -> tuple[list[str],
     shutil.rmtree(out, ignore_errors=True)
     if out.with_suffix(".json").exists():
         out.with_suffix(".json").unlink()
-    if tool == "ours":
+    if tool in ("ours", "ours_values"):
         exe = shutil.which("bshadow") or str(Path(sys.executable).with_name("bshadow"))
-        return [exe, "diagnose", str(base), str(tuned), "--out", str(out)], out
+        values = ["--metrics", "values"] if tool == "ours_values" else []
+        return [exe, "diagnose", str(base), str(tuned), "--out", str(out), *values], out
     res = out.with_suffix(".json")
     if tool == "modeldelta":  # its own command line, as a user runs it (local folders: no hub access)
         return [sys.executable, "-m", "modeldelta", str(base), str(tuned), "-o", str(res), "-q"], res
     script = Path(__file__).with_name("diagnose_baselines.py")
     return [sys.executable, str(script), tool, str(base), str(tuned), str(res)], res
-
-
-def load_results(tool: str, path: Path) -> dict:
-    if tool == "ours":
-        with open(path / "metrics.csv", newline="") as f:
-            return {r["name"]: {"spectral_norm": float(r["delta_spectral_norm"]), "fro": float(r["delta_fro"]),
-                                "effective_rank": float(r["delta_effective_rank"])} for r in csv.DictReader(f)}
-    if tool == "modeldelta":
-        # modeldelta 0.4.4 reports every tensor of >= 1000 entries; for min(m, n) > 8192 its singular values
-        # (and so its effective rank) are the top-k of a randomized range finder, not the full spectrum
-        mods = json.loads(path.read_text())["modules"]
-        return {m["name"]: {"fro": m["frob_norm"], "cosine": m["cosine_sim"], "sparsity_1e-5": m["sparsity"],
-                            **({"spectral_norm": m["top_singular_values"][0], "effective_rank": m["effective_rank"]}
-                               if m.get("has_svd") else {})} for m in mods}
-    return json.loads(path.read_text())
-
-
-def agreement(ref: dict, other: dict, keys=("spectral_norm", "fro", "effective_rank")) -> dict:
-    common = sorted(set(ref) & set(other))
-    out = {"matrices_ref": len(ref), "matrices_other": len(other), "common": len(common)}
-    for k in keys:
-        rel = [abs(other[n][k] - ref[n][k]) / max(abs(ref[n][k]), 1e-30) for n in common
-               if k in other[n] and k in ref[n]]
-        if rel:
-            out[f"max_rel_{k}"] = max(rel)
-    return out
-
-
-def vector_metric_check(base: Path, tuned: Path, ours_out: Path, topk: int = 8, max_dim: int = 8192) -> dict:
-    """base_overlap and intruder_count of bshadow against float64 numpy SVDs written here from docs/metrics.md's
-    definitions, on the strongest delta (largest delta_fro) of every matrix shape up to max_dim rows
-    and columns (the singular values are checked against the SciPy loop; these need vectors)."""
-    with open(ours_out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    pick: dict[tuple, dict] = {}
-    for r in rows:
-        shape = (int(r["rows"]), int(r["cols"]))
-        if max(shape) <= max_dim and (shape not in pick or float(r["delta_fro"]) > float(pick[shape]["delta_fro"])):
-            pick[shape] = r
-    worst_overlap, mismatches, names = 0.0, [], []
-    bmap, tmap = weight_map(base), weight_map(tuned)
-    for shape, r in pick.items():
-        b32, t32 = get_tensor(base, bmap[r["name"]], r["name"]), get_tensor(tuned, tmap[r["name"]], r["name"])
-        b, t, d = b32.astype(np.float64), t32.astype(np.float64), (t32 - b32).astype(np.float64)  # float32 delta, as bshadow
-        ub, sb, _ = np.linalg.svd(b, full_matrices=False)
-        ut, _, _ = np.linalg.svd(t, full_matrices=False)
-        ud, sd, _ = np.linalg.svd(d, full_matrices=False)
-        K, T = min(topk, min(shape)), min(10, min(shape))
-        kb, kd = int(np.sum(sb[:K] > 1e-4 * sb[0])), int(np.sum(sd[:K] > 1e-4 * sd[0]))  # defined vectors
-        r = min(kb, kd)
-        overlap = float(np.sum((ub[:, :kb].T @ ud[:, :kd]) ** 2) / r) if r else 0.0
-        intruders = int(np.sum(np.max(np.abs(ut[:, :T].T @ ub), axis=1) < 0.5))
-        worst_overlap = max(worst_overlap, abs(overlap - float(r["base_overlap"])))
-        if intruders != int(float(r["intruder_count"])):
-            mismatches.append(f"{r['name']}: {r['intruder_count']} vs {intruders}")
-        names.append(r["name"])
-    return {"matrices": len(names), "max_abs_base_overlap": worst_overlap,
-            "intruder_count_mismatches": len(mismatches), "mismatched": mismatches}
 
 
 def measure(tools, base, tuned, work: Path, repeats: int) -> dict:
@@ -282,7 +261,7 @@ def measure(tools, base, tuned, work: Path, repeats: int) -> dict:
         a = agreement(outputs["scipy"], outputs["ww"], ("alpha",))
         agree["ww_alpha"] = {k: v for k, v in a.items() if k.startswith("max_rel")}
     if "scipy" in outputs:
-        for tool in ("ours", "ww", "modeldelta"):
+        for tool in ("ours", "ours_values", "ww", "modeldelta"):
             if tool in outputs:
                 agree[tool] = agreement(outputs["scipy"], outputs[tool],
                                         ("spectral_norm", "fro") if tool == "ww"
@@ -296,7 +275,8 @@ def fmt_table(res: dict, ckpt: int) -> str:
     lines = [f"{'tool':14s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'peak GB':>8s} {'peak/ckpt':>9s} "
              f"{'ours is x faster':>16s}"]
     ours = res["tools"].get("ours", {}).get("median_s")
-    names = {"ours": "bshadow", "scipy": "scipy loop", "ww": "weightwatcher", "modeldelta": "modeldelta",
+    names = {"ours": "bshadow", "ours_values": "bshadow values", "scipy": "scipy loop", "ww": "weightwatcher",
+             "modeldelta": "modeldelta",
              "ww_alpha": "powerlaw.ww_metrics alpha (float32 SciPy σ) vs weightwatcher alpha",
              "ours_vectors": "bshadow base_overlap/intruder_count vs float64 numpy SVDs (strongest delta per shape)"}
     for tool, s in res["tools"].items():
@@ -323,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", help="where the pairs are generated (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the generated pairs")
     ap.add_argument("--json", help="write all numbers to this JSON file")
+    ap.add_argument("--many", type=int, default=0, metavar="N",
+                    help="also time one base against N fine-tunes in one process, against N separate runs")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke test of the script itself: vocab 512, hidden 128, FFN 352 (not a benchmark)")
     args = ap.parse_args(argv)
@@ -345,7 +327,8 @@ def main(argv=None) -> int:
                   "ffn": FFN, "delta_rank": RANK, "noise": NOISE},
     }
     try:
-        base, tuned = generate_pair_in_child(work / f"L{args.layers}", args.layers, args.tiny)
+        base, tuned = generate_pair_in_child(work / f"L{args.layers}", args.layers, args.tiny,
+                                             extra=max(0, args.many - 1))
         ckpt = checkpoint_bytes(base)
         n_mat = sum(1 for _, s in tensor_plan(args.layers) if len(s) == 2)
         print(f"main: {args.layers} layers, {n_mat} matrices, checkpoint {ckpt / 1e9:.3f} GB per side, "
@@ -356,6 +339,13 @@ def main(argv=None) -> int:
         print(f"\n== {args.layers} layers, {n_mat} matrices, {ckpt / 1e9:.3f} GB per side, "
               f"median of {args.repeats} ==")
         print(fmt_table(main_res, ckpt), flush=True)
+        if args.many > 1:
+            all_tuned = [tuned] + [tuned.parent / f"tuned{k + 2}" for k in range(args.many - 1)]
+            report["many"] = mr = measure_many(base, all_tuned, work, args.repeats)
+            if not mr.get("failed"):
+                print(f"one base vs {mr['tuned']} fine-tunes: {mr['one_process_median_s']:.2f} s in one process, "
+                      f"{mr['separate_median_s']:.2f} s as {mr['tuned']} runs (ratio {mr['ratio']:.2f}); peak "
+                      f"{mr['one_process_peak_rss_bytes'] / 1e9:.2f} GB vs {mr['separate_peak_rss_bytes'] / 1e9:.2f} GB")
 
         depths = [int(x) for x in args.sweep.split(",") if x.strip()]
         sweep_tools = [t for t in args.sweep_tools.split(",") if t]
@@ -404,9 +394,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "_generate":
-        if sys.argv[4:] == ["tiny"]:
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "_generate":
+        if sys.argv[5:] == ["tiny"]:
             VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 512, 128, 4, 2, 32, 352
-        generate_pair(Path(sys.argv[2]), int(sys.argv[3]))
+        generate_pair(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
         sys.exit(0)
     sys.exit(main())
