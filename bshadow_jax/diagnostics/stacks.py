@@ -25,6 +25,7 @@ import numpy as np
 
 from bshadow_jax.diagnostics import exact, gram, host, registry
 from bshadow_jax.diagnostics import mesh as meshlib
+from bshadow_jax.diagnostics.elementwise import host_elementwise
 from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, elementwise, sv_user_metrics
 from bshadow_jax.diagnostics.spectral import spectral_metrics
 
@@ -201,7 +202,8 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
     k = min(m, n)
     method = resolve_method(method, k, mesh)
     on_host = use_host(eig_backend, mesh)
-    el = elementwise_metrics(base_BxMxN, tuned_BxMxN, mesh=mesh, pad_to=pad_to)
+    el = (host_elementwise(base_BxMxN, tuned_BxMxN) if on_host
+          else elementwise_metrics(base_BxMxN, tuned_BxMxN, mesh=mesh, pad_to=pad_to))
     if metrics == "values":
         sc = _values_pairs(base_BxMxN, tuned_BxMxN, method=method, on_host=on_host, mesh=mesh, pad_to=pad_to)
         nan = np.full(B, np.nan, np.float32)

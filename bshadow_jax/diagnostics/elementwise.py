@@ -1,0 +1,46 @@
+"""The elementwise pair metrics on the host: base_fro, cosine, update_sparsity, update_sparsity_bf16.
+
+The same definitions as kernels.elementwise (the device path), computed a block of rows at a time in
+the worker threads, so that no stacked temporary of the chunk (differences, masks, bf16 casts, padded
+device copies) is ever resident: on CPU these four numbers cost a few passes over memory, not copies.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+from bshadow_jax.diagnostics.host import host_map, row_blocks
+
+
+def _one(pair) -> tuple[float, float, float, float]:
+    b, t = (np.asarray(x, np.float32) for x in pair)
+    nb2 = nt2 = nd2 = 0.0
+    same = same16 = 0
+    for rows in row_blocks(b):
+        bb, tt = b[rows], t[rows]
+        nb2 += float(np.sum(np.square(bb, dtype=np.float64)))
+        nt2 += float(np.sum(np.square(tt, dtype=np.float64)))
+        dd = tt - bb  # the float32 delta, as the metrics of the delta see it
+        nd2 += float(np.sum(np.square(dd, dtype=np.float64)))
+        same += int(np.count_nonzero(dd == 0))
+        same16 += int(np.count_nonzero(tt.astype(ml_dtypes.bfloat16) == bb.astype(ml_dtypes.bfloat16)))
+    nb, nt = math.sqrt(nb2), math.sqrt(nt2)
+    if nb > 0 and nt > 0:
+        cos = min(1.0, max(-1.0, 1.0 - (nd2 - (nb - nt) ** 2) / (2.0 * nb * nt)))
+    else:
+        cos = 1.0 if nb == nt else 0.0
+    n = b.size
+    return nb, cos, (same / n) if n else 1.0, (same16 / n) if n else 1.0
+
+
+def host_elementwise(base_BxMxN, tuned_BxMxN) -> dict:
+    """{base_fro, cosine, update_sparsity, update_sparsity_bf16: numpy [B]} of a stack of pairs.
+
+    update_sparsity counts entries whose float32 difference is exactly 0 (t == b but for -0/+0 and
+    NaN, which the readers never pass on: non-finite matrices are skipped before this).
+    """
+    out = np.array(host_map(_one, list(zip(base_BxMxN, tuned_BxMxN))), np.float64).reshape(-1, 4)
+    names = ("base_fro", "cosine", "update_sparsity", "update_sparsity_bf16")
+    return {n: out[:, i].astype(np.float32) for i, n in enumerate(names)}
