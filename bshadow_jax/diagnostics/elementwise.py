@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 
 from bshadow_jax.diagnostics.host import host_map, row_blocks
+
+
+def _sq(x) -> float:
+    return float(np.einsum("ij,ij->", x, x, dtype=np.float64))  # float64 accumulation, no float64 copy
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """The bfloat16 rounding (to nearest, ties to even) of finite float32 values, as its 16 bits."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
 
 def _one(pair) -> tuple[float, float, float, float]:
@@ -20,12 +29,12 @@ def _one(pair) -> tuple[float, float, float, float]:
     same = same16 = 0
     for rows in row_blocks(b):
         bb, tt = b[rows], t[rows]
-        nb2 += float(np.sum(np.square(bb, dtype=np.float64)))
-        nt2 += float(np.sum(np.square(tt, dtype=np.float64)))
+        nb2 += _sq(bb)
+        nt2 += _sq(tt)
         dd = tt - bb  # the float32 delta, as the metrics of the delta see it
-        nd2 += float(np.sum(np.square(dd, dtype=np.float64)))
+        nd2 += _sq(dd)
         same += int(np.count_nonzero(dd == 0))
-        same16 += int(np.count_nonzero(tt.astype(ml_dtypes.bfloat16) == bb.astype(ml_dtypes.bfloat16)))
+        same16 += int(np.count_nonzero(bf16_bits(tt) == bf16_bits(bb)))
     nb, nt = math.sqrt(nb2), math.sqrt(nt2)
     if nb > 0 and nt > 0:
         cos = min(1.0, max(-1.0, 1.0 - (nd2 - (nb - nt) ** 2) / (2.0 * nb * nt)))
