@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bshadow_jax.cli import main
-from bshadow_jax.diagnostics import host, run
+from bshadow_jax.diagnostics import host, host_partial, run
 from bshadow_jax.models import LlamaConfig, init_params, save_pretrained
 
 CFG = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
 def test_each_pair_equals_its_own_diagnosis_and_the_base_is_decomposed_once(checkpoints, method, monkeypatch):
     base, tuned = checkpoints
     calls = {"base": 0}
-    real_partial, real_exact = host._base_task, host._base_svd
+    real_partial, real_exact = host_partial._base_task, host._base_svd
 
     def count(real):
         def f(*a, **k):
@@ -42,7 +42,7 @@ def test_each_pair_equals_its_own_diagnosis_and_the_base_is_decomposed_once(chec
             return real(*a, **k)
         return f
 
-    monkeypatch.setattr(host, "_base_task", count(real_partial))
+    monkeypatch.setattr(host_partial, "_base_task", count(real_partial))
     monkeypatch.setattr(host, "_base_svd", count(real_exact))
     many = run.diagnose_many(base, tuned, method=method, eig_backend="host", topk=4)
     base_calls = calls["base"]

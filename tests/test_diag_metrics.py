@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bshadow_jax.diagnostics import exact, gram, host, stacks
+from bshadow_jax.diagnostics import exact, gram, host, host_partial, stacks
 
 DEFINED = 1e-4  # docs/metrics.md#defined-singular-vectors: sigma_i > 1e-4 sigma_1
 # (method, eig_backend): exact on host (SciPy), exact on device (XLA), Gram on host (partial
@@ -143,7 +143,7 @@ def test_values_mode_skips_the_vector_work(monkeypatch, method, backend):
     def boom(*a, **k):
         raise AssertionError("values mode ran a vector kernel")
 
-    for mod, fn in ((host, "exact_pairs"), (host, "partial_pairs"), (host, "exact_pair_metrics"),
+    for mod, fn in ((host, "exact_pairs"), (host_partial, "partial_pairs"), (host, "exact_pair_metrics"),
                     (exact, "device_pairs"), (gram, "device_pairs")):
         monkeypatch.setattr(mod, fn, boom)
     vals = stacks.pair_stack(b, t, topk=4, method=method, eig_backend=backend, mesh=one_device_mesh(),

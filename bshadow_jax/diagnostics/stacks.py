@@ -23,7 +23,7 @@ import functools
 import jax
 import numpy as np
 
-from bshadow_jax.diagnostics import exact, gram, host, registry
+from bshadow_jax.diagnostics import exact, gram, host, host_partial, registry
 from bshadow_jax.diagnostics import mesh as meshlib
 from bshadow_jax.diagnostics.elementwise import host_elementwise
 from bshadow_jax.diagnostics.kernels import PairColumns, SingleColumns, elementwise, sv_user_metrics
@@ -93,7 +93,7 @@ def resolve_method(method: str, k: int, mesh=None) -> str:
         "svd" or "gram".
     """
     # above SMALL_K_EXACT the Gram path everywhere: on accelerators XLA's eigh of the Gram, on
-    # CPU partial host eigendecompositions (host.partial_pairs; 3-8x faster than three SVDs)
+    # CPU partial host eigendecompositions (host_partial.partial_pairs; 3-8x faster than three SVDs)
     if method == "auto":
         return "svd" if k <= SMALL_K_EXACT else "gram"
     if method not in ("svd", "gram"):
@@ -214,7 +214,7 @@ def pair_stack(base_BxMxN, tuned_BxMxN, *, topk: int = 8, method: str = "auto", 
     elif method == "svd" and on_host:
         pc = host.exact_pairs(base_BxMxN, tuned_BxMxN, topk=topk, base_cache=base_cache)
     elif method == "gram" and on_host:
-        pc = host.partial_pairs(base_BxMxN, tuned_BxMxN, topk=topk, base_cache=base_cache)
+        pc = host_partial.partial_pairs(base_BxMxN, tuned_BxMxN, topk=topk, base_cache=base_cache)
     elif method == "svd":
         pc = exact.device_pairs(base_BxMxN, tuned_BxMxN, topk=topk, mesh=mesh, pad_to=pad_to)
     else:
