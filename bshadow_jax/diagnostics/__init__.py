@@ -13,7 +13,7 @@ Attributes load lazily: `bshadow --help` imports this package without importing 
 """
 from __future__ import annotations
 
-import importlib
+from bshadow_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "spectral_metrics": "bshadow_jax.diagnostics.spectral",
@@ -50,14 +50,4 @@ _EXPORTS = {
     "SingleStackResult": "bshadow_jax.diagnostics.stacks",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bshadow_jax.diagnostics' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ Attributes load lazily, so importing `formats.pytree` does not import orbax.
 """
 from __future__ import annotations
 
-import importlib
+from bshadow_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointSource": "bshadow_jax.formats.sources",
@@ -20,10 +20,4 @@ _EXPORTS = {
     "sort_layer_order": "bshadow_jax.formats.sources",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bshadow_jax.formats' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -8,7 +8,7 @@ Attributes load lazily, so that `bshadow --help` (which imports models/cli.py) d
 """
 from __future__ import annotations
 
-import importlib
+from bshadow_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "LlamaConfig": "bshadow_jax.models.llama",
@@ -27,14 +27,4 @@ _EXPORTS = {
     "load_pretrained": "bshadow_jax.models.loading",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bshadow_jax.models' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
