@@ -193,3 +193,27 @@ def docs_ref(page: str, anchor: str = "") -> str:
     bshadow_jax repository rather than a relative link; tests check every page and anchor exists.
     """
     return f"`docs/{page}{'#' + anchor if anchor else ''}` (bshadow_jax documentation)"
+
+
+def footprint_curves_figure(curves: Sequence[tuple[str, Any]], path: str | os.PathLike) -> str:
+    """Footprint curves overlaid: for each (label, energy shares), the cumulative share of update energy
+    over its matrices sorted by share (x as a fraction of the matrices); dashed line at 90%.
+
+    Past ten curves the colours repeat, so the line style changes with each round of ten.
+    """
+    fig, axes = subplots(figsize=(6.5, 4.5), squeeze=False)
+    ax = axes[0][0]
+    styles = ("-", "--", "-.", ":")
+    for i, (label, shares) in enumerate(curves):
+        s = np.sort(np.asarray([num(x) for x in shares], np.float64))[::-1]
+        s = s[np.isfinite(s)]
+        if s.size and s.sum() > 0:
+            ax.plot(np.arange(1, s.size + 1) / s.size, np.cumsum(s) / s.sum(), label=label,
+                    color=f"C{i % 10}", ls=styles[(i // 10) % len(styles)])
+    ax.axhline(0.9, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("fraction of matrices (sorted by energy share)")
+    ax.set_ylabel("cumulative share of update energy")
+    ax.set_title("footprint curves")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)

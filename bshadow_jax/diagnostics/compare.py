@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bshadow_jax.fileio import atomic_write_text, sanitize_filename
-from bshadow_jax.reporting import docs_ref, fmt, module_key, num, save_figure, subplots, table
+from bshadow_jax.reporting import docs_ref, fmt, footprint_curves_figure, module_key, num, save_figure, subplots, table
 
 # the columns of comparison.csv, one row per tuned checkpoint
 COMPARISON_COLS = (
@@ -137,25 +137,6 @@ def _modules_figure(out: Path, labels: Sequence[str], results: Sequence[Any]) ->
     return save_figure(fig, out / FIG_MODULES)
 
 
-def _curves_figure(out: Path, labels: Sequence[str], results: Sequence[Any]) -> str:
-    fig, axes = subplots(figsize=(6.5, 4.5), squeeze=False)
-    ax = axes[0][0]
-    styles = ("-", "--", "-.", ":")
-    for i, (lab, res) in enumerate(zip(labels, results)):
-        s = np.sort(np.array([num(r.get("energy_share")) for r in res.rows], np.float64))[::-1]
-        s = s[np.isfinite(s)]
-        if s.size and s.sum() > 0:
-            ax.plot(np.arange(1, s.size + 1) / s.size, np.cumsum(s) / s.sum(), label=lab,
-                    color=f"C{i % 10}", ls=styles[(i // 10) % len(styles)])
-    ax.axhline(0.9, color="grey", lw=0.5, ls="--")
-    ax.set_xlabel("fraction of matrices (sorted by energy share)")
-    ax.set_ylabel("cumulative share of update energy")
-    ax.set_title("footprint curves")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, out / FIG_CURVES)
-
-
 def write_comparison(out_dir: str | os.PathLike, base: str, labels: Sequence[str], results: Sequence[Any]) -> list[dict]:
     """comparison.csv, comparison.md and the figures for one base against several fine-tunes.
 
@@ -171,7 +152,8 @@ def write_comparison(out_dir: str | os.PathLike, base: str, labels: Sequence[str
     out = Path(out_dir)
     crow = [comparison_row(lab, res) for lab, res in zip(labels, results)]
     atomic_write_text(out / "comparison.csv", _csv(crow))
-    figs = [_bars_figure(out, crow), _modules_figure(out, labels, results), _curves_figure(out, labels, results)]
+    figs = [_bars_figure(out, crow), _modules_figure(out, labels, results), footprint_curves_figure(
+        [(lab, [r.get("energy_share") for r in res.rows]) for lab, res in zip(labels, results)], out / FIG_CURVES)]
     head = ["fine-tune", "matrices", "entropy", "gini", "matrices_for_90pct", "embed + lm_head share",
             "top module (share)", "mean ΔW eff. rank", "mean base_overlap", "mean intruders"]
     body = [[f"[{r['label']}]({r['label']}/report.md)", str(r["matrices"]), fmt(r["entropy"]), fmt(r["gini"]),

@@ -23,6 +23,14 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
 
+def cosine_from_norms(nb: float, nt: float, nd2: float) -> float:
+    """cos(b, t) from |b|, |t| and |t - b|^2: 1 - (|t - b|^2 - (|b| - |t|)^2) / (2 |b| |t|), so that small
+    updates keep their digits (exactly 1 for identical weights); 1 when both are zero, 0 when one is."""
+    if nb > 0 and nt > 0:
+        return min(1.0, max(-1.0, 1.0 - (nd2 - (nb - nt) ** 2) / (2.0 * nb * nt)))
+    return 1.0 if nb == nt else 0.0
+
+
 def _one(pair) -> tuple[float, float, float, float]:
     b, t = (np.asarray(x, np.float32) for x in pair)
     nb2 = nt2 = nd2 = 0.0
@@ -36,10 +44,7 @@ def _one(pair) -> tuple[float, float, float, float]:
         same += int(np.count_nonzero(dd == 0))
         same16 += int(np.count_nonzero(bf16_bits(tt) == bf16_bits(bb)))
     nb, nt = math.sqrt(nb2), math.sqrt(nt2)
-    if nb > 0 and nt > 0:
-        cos = min(1.0, max(-1.0, 1.0 - (nd2 - (nb - nt) ** 2) / (2.0 * nb * nt)))
-    else:
-        cos = 1.0 if nb == nt else 0.0
+    cos = cosine_from_norms(nb, nt, nd2)
     n = b.size
     return nb, cos, (same / n) if n else 1.0, (same16 / n) if n else 1.0
 

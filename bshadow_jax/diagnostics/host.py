@@ -146,17 +146,22 @@ def exact_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
     Returns:
         SingleColumns of the B matrices.
     """
+    return _host_singles(w_BxMxN, _svdvals, mesh=mesh, pad_to=pad_to)
+
+
+def _host_singles(w_BxMxN, sv_fn, *, mesh, pad_to: int) -> SingleColumns:
+    """Singular values by `sv_fn` per matrix in the pool, and registered matrix metrics (jitted)."""
     B = w_BxMxN.shape[0]
     user = {}
     if registry.registered_metrics("matrix"):
         Bp = meshlib.padded_size(max(B, pad_to), mesh)
         out = jax.device_get(_jitted_matrix_metrics(mesh, registry.cache_key())(meshlib.put_padded(w_BxMxN, Bp, mesh)))
         user = {name: np.asarray(v)[:B] for name, v in out.items()}
-    return SingleColumns(user=user, sv=np.stack(host_map(_svdvals, list(w_BxMxN))))
+    return SingleColumns(user=user, sv=np.stack(host_map(sv_fn, list(w_BxMxN))))
 
 
 # ------------------------------------------------------------------------------------------
-# partial (Gram) method
+# float64 Grams (the partial method's delta, in host_partial.py, and the values-only paths)
 # ------------------------------------------------------------------------------------------
 
 def row_blocks(w) -> list[slice]:
@@ -198,13 +203,7 @@ def gram64_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:
     Returns:
         SingleColumns of the B matrices.
     """
-    B = w_BxMxN.shape[0]
-    user = {}
-    if registry.registered_metrics("matrix"):
-        Bp = meshlib.padded_size(max(B, pad_to), mesh)
-        out = jax.device_get(_jitted_matrix_metrics(mesh, registry.cache_key())(meshlib.put_padded(w_BxMxN, Bp, mesh)))
-        user = {name: np.asarray(v)[:B] for name, v in out.items()}
-    return SingleColumns(user=user, sv=np.stack(host_map(_gram64_sv, list(w_BxMxN))))
+    return _host_singles(w_BxMxN, _gram64_sv, mesh=mesh, pad_to=pad_to)
 
 
 def gram_singles(w_BxMxN, *, mesh, pad_to: int) -> SingleColumns:

@@ -10,6 +10,8 @@ import math
 import numpy as np
 
 from bshadow_jax.diagnostics import names
+from bshadow_jax.diagnostics.elementwise import bf16_bits, cosine_from_norms
+
 
 def _rel(num: float, den: float) -> float:
     """num / den; 0 when both are 0; +inf when only den is (rel_delta's rule)."""
@@ -20,18 +22,12 @@ def _rel(num: float, den: float) -> float:
 
 def vector_row(name: str, b, t) -> dict:
     """One vectors.csv row: norms, cosine and sparsities of a 1-D tensor pair, in float64."""
-    import ml_dtypes
-
     b32, t32 = np.asarray(b, np.float32).reshape(-1), np.asarray(t, np.float32).reshape(-1)
     b64, t64 = b32.astype(np.float64), t32.astype(np.float64)
     nb, nt, nd = (float(np.linalg.norm(x)) for x in (b64, t64, t64 - b64))
-    if nb > 0 and nt > 0:
-        # as kernels.elementwise: 1 - (|t - b|^2 - (|b| - |t|)^2) / (2 |b| |t|), exactly 1 when equal
-        cos = float(np.clip(1.0 - (nd * nd - (nb - nt) ** 2) / (2.0 * nb * nt), -1.0, 1.0))
-    else:
-        cos = 1.0 if nb == nt else 0.0
+    cos = cosine_from_norms(nb, nt, nd * nd)
     p = names.parse_name(name)
-    same16 = t32.astype(ml_dtypes.bfloat16) == b32.astype(ml_dtypes.bfloat16)
+    same16 = bf16_bits(t32) == bf16_bits(b32)  # the readers pass on finite values only
     return {"name": name, "component": p["component"], "layer": p["layer"], "module": p["module"],
             "size": int(b32.size), "base_norm": nb, "delta_norm": nd, "rel_delta": _rel(nd, nb), "cosine": cos,
             "update_sparsity": float(np.mean(t32 == b32)) if b32.size else 1.0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bshadow_jax.reporting import save_figure, subplots
+from bshadow_jax.reporting import footprint_curves_figure, save_figure, subplots
 
 
 def bars_figure(records: list[dict], path: Path) -> str:
@@ -45,15 +45,4 @@ def components_figure(records: list[dict], path: Path, key: str, title: str) -> 
 
 
 def curves_figure(records: list[dict], path: Path) -> str:
-    fig, ax = subplots(figsize=(6.5, 4.5))
-    for i, r in enumerate(records):
-        s = np.asarray(r["sorted_shares"], np.float64)
-        if s.size and s.sum() > 0:
-            ax.plot(np.arange(1, s.size + 1) / s.size, np.cumsum(s) / s.sum(), label=r["name"], color=f"C{i % 10}")
-    ax.axhline(0.9, color="grey", lw=0.5, ls="--")
-    ax.set_xlabel("fraction of matrices (sorted by energy share)")
-    ax.set_ylabel("cumulative share of update energy")
-    ax.set_title("footprint curves")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return footprint_curves_figure([(r["name"], r["sorted_shares"]) for r in records], path)
