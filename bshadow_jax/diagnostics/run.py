@@ -2,6 +2,7 @@
 fine-tunes) and the CLI handlers of diagnose and spectrum."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ from bshadow_jax.diagnostics.results import (DIAGNOSE_COLS, ID_COLS, DiagnoseRes
 from bshadow_jax.diagnostics.weights import spectrum
 from bshadow_jax.diagnostics.vectors import vector_rows
 from bshadow_jax.errors import UserError, refuse_pickle
-from bshadow_jax.evals.probe import probe_checkpoints, read_probe_text
+from bshadow_jax.evals.probe import probe_many, read_probe_text
 from bshadow_jax.formats.hub import looks_like_hub_id
 from bshadow_jax.formats.layout import parse_layer_axis
 
@@ -196,8 +197,6 @@ def diagnose_many(base_path, tuned_paths: Sequence, *, item: str | None = None, 
         One DiagnoseResult per fine-tune, in order; each is what diagnose_checkpoints() gives for
         that pair alone.
     """
-    import contextlib
-
     opts = dict(item=item, layer_axis=layer_axis, layout=layout)
     with contextlib.ExitStack() as stack:
         b = stack.enter_context(plan.open_source(base_path, **opts))
@@ -246,8 +245,8 @@ def diagnose_cli(args) -> int:
                             exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
                             metrics=args.metrics, **_layout_args(args))
     if args.probe is not None:
-        for t, res in zip(tuned, results):
-            res.summary["probe"] = probe_checkpoints(args.base, t, args.probe, seq_len=args.probe_seq_len)
+        for res, probed in zip(results, probe_many(args.base, tuned, args.probe, seq_len=args.probe_seq_len)):
+            res.summary["probe"] = probed
     if len(results) == 1:
         write_outputs(results[0], out)
         print(_summary_line(args.out, results[0]))

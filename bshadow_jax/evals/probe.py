@@ -143,11 +143,26 @@ def probe_checkpoints(base_path, tuned_path, text_path, *, seq_len: int = 256, m
     Returns:
         The ProbeResult's fields plus `ppl_ratio`, `tokens_in_text`, `text` and `tokenizer` (which checkpoint's).
     """
+    return probe_many(base_path, [tuned_path], text_path, seq_len=seq_len, max_tokens=max_tokens)[0]
+
+
+def probe_many(base_path, tuned_paths, text_path, *, seq_len: int = 256, max_tokens: int = MAX_TOKENS) -> list[dict]:
+    """probe_checkpoints() of one base against each fine-tune: the text is read, and the base model and
+    (when it has one) its tokenizer are loaded and applied, once."""
     text = read_probe_text(text_path)
     try:
-        tok, origin = checkpoint_tokenizer(base_path), str(base_path)
+        base_tok = checkpoint_tokenizer(base_path)
     except UserError:
-        tok, origin = checkpoint_tokenizer(tuned_path), str(tuned_path)
-    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int64)
-    res = probe(load_pretrained(base_path), load_pretrained(tuned_path), ids[:max_tokens], seq_len=seq_len)
-    return {**res.as_dict(), "tokens_in_text": int(ids.size), "text": str(text_path), "tokenizer": origin}
+        base_tok = None
+    base = load_pretrained(base_path)
+    base_ids = None if base_tok is None else np.asarray(base_tok(text, add_special_tokens=False)["input_ids"], np.int64)
+    out = []
+    for tuned_path in tuned_paths:
+        if base_ids is not None:
+            ids, origin = base_ids, str(base_path)
+        else:
+            tok = checkpoint_tokenizer(tuned_path)
+            ids, origin = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int64), str(tuned_path)
+        res = probe(base, load_pretrained(tuned_path), ids[:max_tokens], seq_len=seq_len)
+        out.append({**res.as_dict(), "tokens_in_text": int(ids.size), "text": str(text_path), "tokenizer": origin})
+    return out

@@ -103,11 +103,13 @@ def _start_from_checkpoint(cfg: TrainConfig, run_dir: Path, tokenizer) -> tuple[
     resumes from its own folder (model section and tokenizer included): the init checkpoint is not read."""
     try:
         resolve_step_dir(run_dir)
-        source, resuming = run_dir, True
-    except UserError:
-        source, resuming = cfg.init, False
-    with open_checkpoint(source) as src:
-        model_cfg = checkpoint_config(src)
+    except UserError:  # a new run: one read of the init checkpoint (a GGUF's metadata alone takes seconds)
+        source = cfg.init
+        model_cfg, params = load_pretrained(source)
+    else:  # resuming: the run's own model config; its checkpoint has the weights
+        source, params = run_dir, None
+        with open_checkpoint(source) as src:
+            model_cfg = checkpoint_config(src)
     if cfg.model:
         given = dict(cfg.model)
         given["vocab_size"] = given.get("vocab_size") or model_cfg.vocab_size
@@ -124,7 +126,7 @@ def _start_from_checkpoint(cfg: TrainConfig, run_dir: Path, tokenizer) -> tuple[
     if len(tokenizer) > model_cfg.vocab_size:
         raise UserError(f"{cfg.init}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                         f"{model_cfg.vocab_size}")
-    return cfg, None if resuming else load_pretrained(cfg.init)[1], tokenizer
+    return cfg, params, tokenizer
 
 
 def _default_dataset(cfg: TrainConfig, tokenizer, local_batch: int):
