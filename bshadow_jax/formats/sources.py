@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bshadow_jax.errors import UserError, refuse_pickle
+from bshadow_jax.errors import PICKLE_SUFFIXES, UserError, refuse_pickle
 from bshadow_jax.formats import hub
 from bshadow_jax.formats.gguf import GGUFFile
 from bshadow_jax.formats.orbax import ParamsLeaves, resolve_orbax
@@ -30,7 +30,6 @@ from bshadow_jax.formats.safetensors import (
     index_weight_map,
 )
 
-PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # ------------------------------------------------------------------------------- ordering
 
@@ -332,7 +331,7 @@ def _open(name: str, item: str | None) -> CheckpointSource:
 
 
 def _pickles(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.name.lower().endswith(PICKLE_WEIGHT_SUFFIXES))
+    return sorted(f for f in folder.iterdir() if f.name.lower().endswith(PICKLE_SUFFIXES))
 
 
 def _maybe(p: Path) -> Path | None:
