@@ -121,7 +121,7 @@ def test_evaluate_structure(tok):
     sets = build_eval_sets(from_dict(DataConfig, {"text_source": "procedural"}), n_narrow_per_skill=4,
                            n_other_per_skill=1, n_bench_other_per_skill=2, n_compositional=3, n_text=2)
     res = evaluate(cfg, params, tok, sets, batch_size=8)
-    assert set(res) == {"narrow", "broad", "perplexity"}
+    assert set(res) == {"narrow", "broad", "perplexity", "items", "passages"}
     assert set(res["narrow"]["by_category"]) == set(sets.metadata["benchmark_skills"])
     assert set(res["broad"]["by_category"]) == {"other_skills", "bench_skills_other_formats", "compositional"}
     for part in ("narrow", "broad"):
@@ -139,3 +139,58 @@ def test_long_contexts_are_cut_from_the_left(tok):
     for it, r in zip([long_item, long_mc], rows):
         ll = [float(weight(np.asarray(enc(tok, o))).sum()) for o in it.options]
         np.testing.assert_allclose(r["ll"], ll, rtol=1e-5, atol=1e-5)
+
+
+def test_margin_and_gold_logprob_match_hand_computation(tok):
+    weight = lambda ids: -(ids % 97) / 10.0  # noqa: E731
+    rows = score_items(fake_fn(weight), ITEMS, tok, eos=tok.eos_token_id, T=48, batch_rows=4)
+    for it, r in zip(ITEMS, rows):
+        ll = [float(weight(np.asarray(enc(tok, o))).sum()) for o in it.options]
+        best_wrong = max(x for k, x in enumerate(ll) if k != it.gold)
+        np.testing.assert_allclose(r["gold_logprob"], ll[it.gold], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["margin"], ll[it.gold] - best_wrong, rtol=1e-5, atol=1e-5)
+        assert (r["margin"] > 0) == (r["acc"] == 1.0)
+        assert r["item_id"] == it.item_id and r["skill"] == it.family
+    assert {r["margin"] > 0 for r in rows} == {True, False}  # the weights give both signs: the check can fail
+
+
+def test_perplexity_is_exp_of_its_parts(tok):
+    weight = lambda ids: -(ids % 13) / 5.0 - 0.1  # noqa: E731  token-dependent, so passages differ
+    passages = ["some held out words " * 30, "more text", "a third passage, of middling length " * 4]
+    kw = dict(eos=tok.eos_token_id, T=32, batch_rows=3)
+    parts = scoring.perplexity_parts(fake_fn(weight), passages, tok, **kw)
+    assert len(parts) == len(passages)
+    for p, (lp, n) in zip(passages, parts):
+        ids = np.asarray([tok.eos_token_id, *enc(tok, p)])[1:]  # every token after the leading eos is a target
+        assert n == len(ids)
+        np.testing.assert_allclose(lp, float(weight(ids).sum()), rtol=1e-5)
+    ppl = perplexity(fake_fn(weight), passages, tok, **kw)
+    np.testing.assert_allclose(ppl, np.exp(-sum(lp for lp, _ in parts) / sum(n for _, n in parts)), rtol=1e-6)
+    assert scoring.perplexity_parts(fake_fn(weight), [], tok, **kw) == []
+
+
+def test_evaluate_keeps_every_item_and_broad_score_is_the_item_mean(tok):
+    sets = build_eval_sets(from_dict(DataConfig, {"text_source": "procedural"}), n_narrow_per_skill=3,
+                           n_other_per_skill=1, n_bench_other_per_skill=2, n_compositional=7, n_text=3)
+    weight = lambda ids: -(ids % 97) / 10.0  # noqa: E731
+    fn = fake_fn(weight)
+    res = evaluate(None, None, tok, sets, batch_size=8, logprob_fn=fn)
+    rows = score_items(fn, list(sets.broad), tok, eos=tok.eos_token_id, T=128, batch_rows=8)
+    items = res["items"]["broad"]
+    assert items["item_id"] == [it.item_id for it in sets.broad]
+    assert items["correct"] == [int(r["acc"]) for r in rows]
+    np.testing.assert_allclose(items["margin"], [r["margin"] for r in rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(items["gold_logprob"], [r["gold_logprob"] for r in rows], rtol=1e-5, atol=1e-5)
+    assert np.isclose(res["broad"]["score"], np.mean(items["correct"]))
+    # the categories differ in size and accuracy, so the item mean is not the mean of category means
+    cat_mean = np.mean(list(res["broad"]["by_category"].values()))
+    assert not np.isclose(res["broad"]["score"], cat_mean)
+    assert np.isclose(res["broad"]["margin"], np.mean(items["margin"]))
+    assert np.isclose(res["narrow"]["margin"], np.mean(res["items"]["narrow"]["margin"]))
+    assert set(res["narrow"]["by_category_margin"]) == set(sets.metadata["benchmark_skills"])
+    assert set(res["broad"]["by_category_margin"]) == set(res["broad"]["by_category"])
+    assert res["items"]["narrow"]["item_id"] == [it.item_id for it in sets.narrow]
+    lp, n = res["passages"]["logprob"], res["passages"]["tokens"]
+    assert len(lp) == len(n) == len(sets.text)
+    assert np.isclose(res["perplexity"], np.exp(-sum(lp) / sum(n)))
+    assert np.isclose(res["perplexity"], perplexity(fn, sets.text, tok, eos=tok.eos_token_id, T=128, batch_rows=8))

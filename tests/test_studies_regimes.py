@@ -1,4 +1,4 @@
-"""A tiny end-to-end regimes study (2 arms x 2 seeds, a few steps) and the study config errors."""
+"""A tiny end-to-end regimes study (3 arms x 2 bases x 2 seeds, a few steps) and the study config errors."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from bshadow_jax.cli import main
 
 TINY = {
     "seeds": [0, 1],
-    "base": {"pretrain": {
+    "base": {"seeds": [3, 4], "pretrain": {
         "seed": 3,
         "model": {"vocab_size": 0, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                   "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64},
@@ -31,13 +31,16 @@ TINY = {
     "arms": [
         {"name": "benchmark_aligned", "data": {"arm": "benchmark_aligned"}},
         {"name": "coverage_expanding", "data": {"arm": "coverage_expanding"}},
+        {"name": "token_matched", "data": {"arm": "custom", "sources": {"aligned": 0.75, "text": 0.25}}},
         {"name": "optimizer_control", "data": {"arm": "coverage_expanding"}, "optim": {"name": "lion", "lr": 3e-4}},
+        {"name": "general", "data": {"arm": "general_text"}, "n_bases": 1, "n_seeds": 1},
     ],
-    "only_arms": ["benchmark_aligned", "coverage_expanding"],
+    "only_arms": ["benchmark_aligned", "coverage_expanding", "token_matched", "general"],
     "evals": {"batch_size": 16, "seq_len": 64,
               "options": {"n_narrow_per_skill": 3, "n_other_per_skill": 1, "n_bench_other_per_skill": 2,
-                          "n_compositional": 3, "n_text": 2}},
+                          "n_compositional": 3, "n_text": 2, "broad_formats": ["qa", "cloze"]}},
     "diagnose": {"topk": 4, "track_points": 2},
+    "analysis": {"n_boot": 200, "noise_floor_pairs": 1},
     "regime_score": {"n_boot": 20},
 }
 
@@ -67,34 +70,87 @@ def tiny_study(tiny_study_run):
 def test_tiny_regimes_results_contract(tiny_study):
     _, out = tiny_study
     res = json.loads((out / "results.json").read_text())
-    assert set(res["arms"]) == {"benchmark_aligned", "coverage_expanding"}
-    for arm, entry in res["arms"].items():
-        assert entry["seeds"] == [0, 1]
+    assert set(res["arms"]) == {"benchmark_aligned", "coverage_expanding", "token_matched", "general"}
+    assert res["arms"]["general"]["bases"] == [3] and res["arms"]["general"]["seeds"] == [0]
+    for arm in ("benchmark_aligned", "coverage_expanding", "token_matched"):
+        entry = res["arms"][arm]
+        assert entry["seeds"] == [0, 1] and entry["bases"] == [3, 4] and entry["runs"] == 4
         for section in ("narrow", "broad"):
+            for key in ("score", "margin"):
+                ci = entry[section][key]
+                assert {"mean", "lo", "hi", "se", "n_boot", "values"} <= set(ci) and len(ci["values"]) == 4
             score = entry[section]["score"]
-            assert {"mean", "lo", "hi", "n"} <= set(score) and score["n"] == 2
-            assert 0.0 <= score["mean"] <= 1.0
-            assert entry[section]["by_category"], section
-        fp = entry["footprint"]
-        for key in ("entropy", "gini", "matrices_for_90pct", "delta_effective_rank"):
-            assert fp[key]["n"] == 2, key
-        assert 0.0 <= fp["entropy"]["mean"] <= 1.0
-        for seed in (0, 1):
-            unit = out / "arms" / arm / f"seed{seed}"
-            assert (unit / "run" / "metrics.jsonl").is_file()
-            assert (unit / "diagnose" / "metrics.csv").is_file()
-            summary = json.loads((unit / "diagnose" / "summary.json").read_text())
-            rec = json.loads((unit / "record.json").read_text())
-            assert rec["footprint"]["entropy"] == pytest.approx(summary["footprint"]["entropy"])
-            # footprint tracked along training (every 2 of 4 steps) and at the end
-            assert [p["step"] for p in rec["footprint_curve"]] == [2, 4]
-    ids = [c["id"] for c in res["claims"]]
-    assert ids == ["C1", "C2", "C3"]
-    c3 = res["claims"][2]
+            assert 0.0 <= score["lo"] <= score["mean"] <= score["hi"] <= 1.0
+            assert entry[section]["by_category"] and entry[section]["chance"] == pytest.approx(0.25)
+        assert entry["perplexity"]["value"]["mean"] > 1
+        assert set(entry["footprint_variants"]) == {"all", "blocks_only", "per_parameter"}
+        assert entry["footprint"] == entry["footprint_variants"]["all"]
+        assert 0.0 <= entry["footprint_variants"]["blocks_only"]["entropy"]["mean"] <= 1.0
+        assert entry["distinct_tokens"]["mean"] > 10
+        for base in (3, 4):
+            for seed in (0, 1):
+                unit = out / "arms" / arm / f"base{base}" / f"seed{seed}"
+                assert (unit / "run" / "metrics.jsonl").is_file()
+                summary = json.loads((unit / "diagnose" / "summary.json").read_text())
+                rec = json.loads((unit / "record.json").read_text())
+                assert rec["footprint"]["entropy"] == pytest.approx(summary["footprint"]["entropy"])
+                assert rec["footprint_variants"]["blocks_only"]["entropy"] == pytest.approx(
+                    summary["footprint_blocks_only"]["entropy"])
+                # footprint tracked along training (every 2 of 4 steps) and at the end
+                assert [p["step"] for p in rec["footprint_curve"]] == [2, 4]
+    # benchmark-aligned streams feed fewer distinct tokens than coverage (the C2 confound)
+    dt = {a: res["arms"][a]["distinct_tokens"]["mean"] for a in ("benchmark_aligned", "coverage_expanding")}
+    assert dt["benchmark_aligned"] < dt["coverage_expanding"], dt
+    assert [c["id"] for c in res["claims"]] == ["C1", "C2", "C3"]
+    c1, c2, c3 = res["claims"]
     assert c3["verdict"] == "not tested" and not c3["held"]  # optimizer arm not run here
-    for c in res["claims"][:2]:
-        assert c["verdict"] in ("held", "not held", "inconclusive (right direction, not significant)")
-        assert all("diff" in t for t in c["tests"])
+    assert {t["metric"] for t in c1["tests"]} == {"acc", "margin", "log_ppl"}
+    assert {t["b"] for t in c2["tests"]} == {"benchmark_aligned", "token_matched"}
+    for c in (c1, c2):
+        assert c["verdict"] in ("held", "not held", "inconclusive")
+        for t in c["tests"]:
+            assert t["mde"] > 0 and t["bases"] == [3, 4] and t["verdict"] in ("held", "not held", "inconclusive")
+    assert len(res["power"]) == len(c1["tests"]) + len(c2["tests"])
+    assert res["base"]["bases"] == [3, 4] and "narrow" in res["base"]["above_chance"]
+    floor = res["noise_floor"]
+    assert set(floor["arms"]) == {"benchmark_aligned", "coverage_expanding", "token_matched"}
+    for arm, f in floor["arms"].items():
+        assert f["pairs"] == 2 and f["delta_fro_blocks_only"] > 0
+        assert (out / "noise_floor" / arm / "base3" / "seed0-seed1.json").is_file()
+    assert set(floor["between_arms"]) == {"coverage_expanding - benchmark_aligned", "coverage_expanding - token_matched"}
+    assert all(v["over_floor_blocks_only"] > 0 for v in floor["between_arms"].values())
+
+
+def test_items_csv_and_passages_csv(tiny_study):
+    import csv
+
+    _, out = tiny_study
+    res = json.loads((out / "results.json").read_text())
+    with open(out / "items.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["arm", "base", "seed", "category", "skill", "format", "item_id", "correct",
+                             "gold_logprob", "margin"]
+    n_items = res["eval_items"]["narrow"] + res["eval_items"]["broad"]
+    runs = sum(e["runs"] for e in res["arms"].values()) + 2  # and the two bases
+    assert len(rows) == n_items * runs
+    # the arm's score is the mean over its runs of the items' correct column
+    a = [r for r in rows if r["arm"] == "benchmark_aligned" and r["category"] == "narrow"]
+    by_run: dict = {}
+    for r in a:
+        by_run.setdefault((r["base"], r["seed"]), []).append(int(r["correct"]))
+    assert np.mean([np.mean(v) for v in by_run.values()]) == pytest.approx(
+        res["arms"]["benchmark_aligned"]["narrow"]["score"]["mean"])
+    for r in rows[:50]:
+        assert float(r["margin"]) <= 0.0 or r["correct"] == "1"
+        assert float(r["gold_logprob"]) <= 0.0
+    # broad shares no item with narrow, and leaves out the formats the config leaves out
+    narrow_ids = {r["item_id"] for r in rows if r["category"] == "narrow"}
+    assert not narrow_ids & {r["item_id"] for r in rows if r["category"] != "narrow"}
+    assert {r["format"] for r in rows if r["category"] != "narrow"} <= {"qa", "cloze"}
+    with open(out / "passages.csv", newline="") as f:
+        prow = list(csv.DictReader(f))
+    assert list(prow[0]) == ["arm", "base", "seed", "passage", "tokens", "logprob"]
+    assert len(prow) == res["eval_items"]["text_passages"] * runs
 
 
 def test_tiny_regimes_report_and_figures(tiny_study_run):
@@ -104,8 +160,8 @@ def test_tiny_regimes_report_and_figures(tiny_study_run):
                  "training_curves.png"):
         check_png_figure(out / name, *figures.figure_for(out / name))
         assert name in md
-    assert "## Claims" in md and "benchmark_aligned" in md
-    arms = ["benchmark_aligned", "coverage_expanding"]
+    assert "## Findings" in md and "## Power" in md and "benchmark_aligned" in md
+    arms = ["benchmark_aligned", "coverage_expanding", "general", "token_matched"]
     # heatmaps: the PNG shows each arm's largest and smallest cell in their (different) colours
     fig, kw = figures.figure_for(out / "footprint_heatmaps.png")
     img = read_png(out / "footprint_heatmaps.png")
@@ -130,7 +186,7 @@ def test_tiny_regimes_report_and_figures(tiny_study_run):
 
 def test_rerun_reuses_finished_units(tiny_study):
     cfg, out = tiny_study
-    rec = out / "arms" / "benchmark_aligned" / "seed0" / "record.json"
+    rec = out / "arms" / "benchmark_aligned" / "base3" / "seed0" / "record.json"
     before = (rec.stat().st_mtime_ns, rec.read_bytes())
     rc = main(["experiment", "regimes", str(cfg), "--out", str(out)])
     assert rc == 0
@@ -178,6 +234,13 @@ def test_shipped_study_configs_validate():
     for name in ("regimes_cpu.yaml", "repetition_cpu.yaml", "regimes_gpu.yaml"):
         cfg = load_study_config(os.path.join(root, name))
         assert len(cfg.seeds) >= 3
+        # the claim arms run on at least 2 bases x 5 seeds (the GPU study's released base is one base)
+        min_bases = 1 if cfg.base.load else 2
+        claim_arms = [cfg.claims.aligned, cfg.claims.coverage] + (
+            [cfg.claims.token_matched] if name.startswith("regimes") else [cfg.claims.plain, cfg.claims.repeated])
+        for a in claim_arms:
+            units = cfg.arm_units(cfg.arm(a))
+            assert len({b for b, _ in units}) >= min_bases and len({s for _, s in units}) >= 5, (name, a)
     from bshadow_jax.studies.cross_family import load_cross_family_config
 
     for name in ("cross_family.yaml", "cross_family_synthetic.yaml"):
@@ -189,3 +252,8 @@ def test_shipped_study_configs_validate():
     assert sum(1 for a in cpu.arms if a.data.get("arm") == "mixture") >= 2
     # identical settings: only the optimizer arm touches the optimizer
     assert [a.name for a in cpu.arms if a.optim] == ["optimizer_control"]
+    # the token-matched control: the aligned items with the coverage arm's share of general text
+    tm = cpu.arm(cpu.claims.token_matched)
+    assert tm.data == {"arm": "custom", "sources": {"aligned": 1 - 0.25, "text": 0.25}}
+    from bshadow_jax.data.config import DataConfig
+    assert DataConfig().text_share == 0.25 and "text_share" not in cpu.finetune.get("data", {})

@@ -280,3 +280,17 @@ def data_metadata(data_cfg: DataConfig) -> dict:
     if any(s.kind == "text" for s in plan.streams.values()):
         meta["text"] = text_corpus(data_cfg.text_source).metadata
     return meta
+
+
+def distinct_tokens(data_cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, seed: int, steps: int) -> int:
+    """How many distinct token ids the first `steps` batches of this stream feed (inputs and targets of
+    real segments): with Adam from a fresh state, an embedding row no batch touches gets no update, so
+    this bounds the rank of the embedding's delta, whatever the data teach."""
+    ds = make_train_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    seen = np.zeros(0, np.int64)
+    it = iter(ds)
+    for _ in range(steps):
+        b = next(it)
+        real = b["segment_ids"] > 0
+        seen = np.union1d(seen, np.concatenate([b["inputs"][real], b["targets"][real]]))
+    return int(seen.size)

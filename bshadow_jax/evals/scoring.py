@@ -1,7 +1,8 @@
 """Option log-likelihood scoring (as lm-evaluation-harness scores multiple choice) and perplexity.
 
 For an item with context c and options o_k, LL_k = sum_t log p(o_k[t] | c, o_k[<t]);
-acc = [argmax_k LL_k == gold], acc_norm = [argmax_k LL_k / bytes(o_k) == gold]. Exact match is
+acc = [argmax_k LL_k == gold], acc_norm = [argmax_k LL_k / bytes(o_k) == gold], and the continuous
+margin = LL_gold - max_{k != gold} LL_k (positive iff acc = 1, ties aside). Exact match is
 greedy decoding of the gold answer followed by the end token, computed teacher-forced in the same
 forward pass: greedy decoding emits the gold sequence iff every gold token is the argmax given the
 gold prefix. When every option is one token (lettered multiple choice), one sequence scores all
@@ -124,7 +125,21 @@ def run_packed(fn: LogprobFn, seqs: Sequence[_Seq], *, T: int, batch_rows: int) 
 
 def score_items(fn: LogprobFn, items: Sequence[EvalItem], tokenizer, *, eos: int, T: int = 128,
                 batch_rows: int = 32) -> list[dict]:
-    """Per item: {"ll": [..], "acc", "acc_norm", "exact_match", "category", "family", "format"}."""
+    """Option log-likelihoods and the metrics derived from them, one row per item.
+
+    Args:
+        fn: the log-prob function (see LogprobFn).
+        items: the items to score.
+        tokenizer: a Hugging Face fast tokenizer.
+        eos: the end/separator token id.
+        T: targets per packed row.
+        batch_rows: rows per call of `fn`.
+
+    Returns:
+        Per item, in order: {"ll": [..], "acc", "acc_norm", "exact_match", "gold_logprob" (ll[gold]),
+        "margin" (ll[gold] minus the best wrong option's ll), "item_id", "skill", "category",
+        "family", "format"}.
+    """
     all_seqs, plans = [], []
     for it in items:
         seqs, info = _build_item_seqs(it, tokenizer, eos, T)
@@ -154,40 +169,78 @@ def score_items(fn: LogprobFn, items: Sequence[EvalItem], tokenizer, *, eos: int
                     tgt = np.asarray(s.tokens[1:][n_t - L - extra :])
                     em = bool(np.all(amax[s.row, first : first + L + extra] == tgt))
         lens = [max(len(o.encode("utf-8")), 1) for o in it.options]
+        wrong = [x for k, x in enumerate(ll) if k != it.gold]
         out.append({
             "ll": ll,
             "acc": float(int(np.argmax(ll)) == it.gold),
             "acc_norm": float(int(np.argmax(np.asarray(ll) / np.asarray(lens))) == it.gold),
             "exact_match": float(em),
+            "gold_logprob": ll[it.gold],
+            "margin": ll[it.gold] - max(wrong) if wrong else float("nan"),  # no wrong option: no margin
+            "item_id": it.item_id, "skill": it.skill,
             "category": it.category, "family": it.family, "format": it.format,
         })
     return out
 
 
-def perplexity(fn: LogprobFn, passages: Sequence[str], tokenizer, *, eos: int, T: int = 128,
-               batch_rows: int = 32) -> float:
-    """exp(mean NLL per token) over held-out passages, each cut into windows of T targets."""
-    seqs = []
-    for p in passages:
+def perplexity_parts(fn: LogprobFn, passages: Sequence[str], tokenizer, *, eos: int, T: int = 128,
+                     batch_rows: int = 32) -> list[tuple[float, int]]:
+    """Per passage, its total log-probability and target-token count; each cut into windows of T targets.
+
+    Args:
+        fn: the log-prob function (see LogprobFn).
+        passages: held-out texts; each is read after a leading `eos`.
+        tokenizer: a Hugging Face fast tokenizer.
+        eos: the end/separator token id.
+        T: targets per window (and per packed row).
+        batch_rows: rows per call of `fn`.
+
+    Returns:
+        [(sum of log p over the passage's tokens, number of those tokens)], in passage order
+        ((0.0, 0) for a passage with no tokens).
+    """
+    seqs, owner = [], []
+    for i, p in enumerate(passages):
         toks = [eos, *_encode(tokenizer, p)]
         for a in range(0, len(toks) - 1, T):
-            w = toks[a : a + T + 1]
-            seqs.append(_Seq(w))
+            seqs.append(_Seq(toks[a : a + T + 1]))
+            owner.append(i)
+    parts = [[0.0, 0] for _ in passages]
     if not seqs:
-        return float("nan")
+        return [tuple(x) for x in parts]
     logp, _ = run_packed(fn, seqs, T=T, batch_rows=batch_rows)
-    nll = sum(-float(logp[s.row, s.offset : s.offset + len(s.tokens) - 1, 0].sum()) for s in seqs)
-    n = sum(len(s.tokens) - 1 for s in seqs)
-    return float(np.exp(nll / n))
+    for i, s in zip(owner, seqs):
+        n = len(s.tokens) - 1
+        parts[i][0] += float(logp[s.row, s.offset : s.offset + n, 0].sum())
+        parts[i][1] += n
+    return [(float(lp), int(n)) for lp, n in parts]
+
+
+def perplexity(fn: LogprobFn, passages: Sequence[str], tokenizer, *, eos: int, T: int = 128,
+               batch_rows: int = 32) -> float:
+    """exp(mean NLL per token) over held-out passages (token-weighted); nan when there are no tokens.
+
+    Args:
+        fn, passages, tokenizer, eos, T, batch_rows: as for perplexity_parts.
+
+    Returns:
+        exp(-sum of log-probabilities / number of tokens) over all passages.
+    """
+    parts = perplexity_parts(fn, passages, tokenizer, eos=eos, T=T, batch_rows=batch_rows)
+    n = sum(k for _, k in parts)
+    if n == 0:
+        return float("nan")
+    return float(np.exp(-sum(lp for lp, _ in parts) / n))
 
 
 def summarize(rows: list[dict], by: str) -> dict:
-    """Per group of `by`: mean acc, acc_norm, exact_match and the item count."""
+    """Per group of `by`: mean acc, acc_norm, exact_match, margin and the item count."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r[by], []).append(r)
     detail = {
-        g: {m: float(np.mean([r[m] for r in rs])) for m in ("acc", "acc_norm", "exact_match")} | {"n": len(rs)}
+        g: {m: float(np.mean([r[m] for r in rs])) for m in ("acc", "acc_norm", "exact_match", "margin")}
+        | {"n": len(rs)}
         for g, rs in sorted(groups.items())
     }
     return detail
@@ -222,12 +275,29 @@ def model_logprob_fn(model_cfg, params, *, compute_dtype="float32") -> LogprobFn
 
 def evaluate(model_cfg, params, tokenizer, eval_sets: EvalSets, *, batch_size: int = 32, seq_len: int = 128,
              logprob_fn: LogprobFn | None = None) -> dict:
-    """Narrow benchmark, broad suite (per category) and held-out perplexity of one model.
+    """Narrow benchmark, broad suite (per category), held-out perplexity, and every item's scores.
 
-    Returns {"narrow": {"score", "by_category", "acc", "acc_norm", "exact_match", "n"},
-             "broad": {"score", "by_category", "detail"}, "perplexity": float}.
-    narrow.score is acc (option log-likelihood, lm-eval style); broad.score is the mean of its
-    categories' acc; by_category holds acc per category (per skill for narrow).
+    Args:
+        model_cfg, params: the model (ignored when `logprob_fn` is given).
+        tokenizer: a Hugging Face fast tokenizer.
+        eval_sets: from data.evalsets.build_eval_sets.
+        batch_size: packed rows per forward call.
+        seq_len: targets per packed row.
+        logprob_fn: a LogprobFn to use instead of the model's.
+
+    Returns:
+        {"narrow": {"score", "by_category", "margin", "by_category_margin", "acc", "acc_norm",
+                    "exact_match", "n", "detail"},
+         "broad": {"score", "by_category", "margin", "by_category_margin", "detail"},
+         "perplexity": float,
+         "items": {"narrow": ROWS, "broad": ROWS},
+         "passages": {"logprob": [...], "tokens": [...]}}.
+        score is acc (option log-likelihood, lm-eval style) averaged over the section's items
+        (broad too: each item counts once, whatever its category's size); margin is the mean of
+        LL_gold - max wrong LL; by_category* are per category (per skill for narrow). ROWS holds
+        parallel lists {"item_id", "correct" (0/1), "gold_logprob", "margin"} in the order of
+        eval_sets.narrow / eval_sets.broad, and passages those of eval_sets.text, so a study can
+        resample items and passages.
     """
     eos, _ = special_ids(tokenizer)
     fn = logprob_fn or model_logprob_fn(model_cfg, params)
@@ -238,17 +308,31 @@ def evaluate(model_cfg, params, tokenizer, eval_sets: EvalSets, *, batch_size: i
     narrow_fam = summarize(narrow_rows, "family")
     broad_cat = summarize(broad_rows, "category")
     mean = lambda rs, m: float(np.mean([r[m] for r in rs])) if rs else float("nan")  # noqa: E731
+    parts = perplexity_parts(fn, eval_sets.text, tokenizer, **kw) if eval_sets.text else []
+    n_tok = sum(k for _, k in parts)
     return {
         "narrow": {
             "score": mean(narrow_rows, "acc"),
             "by_category": {k: v["acc"] for k, v in narrow_fam.items()},
+            "margin": mean(narrow_rows, "margin"),
+            "by_category_margin": {k: v["margin"] for k, v in narrow_fam.items()},
             "acc": mean(narrow_rows, "acc"), "acc_norm": mean(narrow_rows, "acc_norm"),
             "exact_match": mean(narrow_rows, "exact_match"), "n": len(narrow_rows), "detail": narrow_fam,
         },
         "broad": {
-            "score": float(np.mean([v["acc"] for v in broad_cat.values()])) if broad_cat else float("nan"),
+            "score": mean(broad_rows, "acc"),
             "by_category": {k: v["acc"] for k, v in broad_cat.items()},
+            "margin": mean(broad_rows, "margin"),
+            "by_category_margin": {k: v["margin"] for k, v in broad_cat.items()},
             "detail": broad_cat | {"by_family": summarize(broad_rows, "family")},
         },
-        "perplexity": perplexity(fn, eval_sets.text, tokenizer, **kw) if eval_sets.text else float("nan"),
+        "perplexity": float(np.exp(-sum(lp for lp, _ in parts) / n_tok)) if n_tok else float("nan"),
+        "items": {"narrow": _item_columns(narrow_rows), "broad": _item_columns(broad_rows)},
+        "passages": {"logprob": [lp for lp, _ in parts], "tokens": [k for _, k in parts]},
     }
+
+
+def _item_columns(rows: list[dict]) -> dict[str, list]:
+    """Parallel per-item lists (JSON-friendly, compact) of the scores a study resamples."""
+    return {"item_id": [int(r["item_id"]) for r in rows], "correct": [int(r["acc"]) for r in rows],
+            "gold_logprob": [float(r["gold_logprob"]) for r in rows], "margin": [float(r["margin"]) for r in rows]}

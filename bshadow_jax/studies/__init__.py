@@ -1,6 +1,6 @@
 """The paper's experiments as library code (`bshadow experiment ...`).
 
-    regimes       the controlled intervention study: one base, arms x seeds, narrow vs broad, footprints, claims
+    regimes       the controlled intervention study: bases x arms x seeds, narrow vs broad, footprints, claims with power
     repetition    the prompt-repetition (and deduplication) case study on the same machinery
     cross_family  diagnose many base/tuned pairs (incl. multimodal/MoE naming) into one comparison
                   (subpackage: config, checkpoints, figures, study)

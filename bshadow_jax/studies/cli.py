@@ -5,12 +5,13 @@ import argparse
 
 # name: (what it is, module with run_cli, a shipped config, what --out holds)
 _STUDIES = {
-    "regimes": ("the controlled intervention study: one base, data arms x seeds, narrow vs broad, footprints (the main job)",
+    "regimes": ("the controlled intervention study: bases x data arms x seeds, narrow vs broad with per-item records, "
+                "footprints, a seed noise floor, claims tested with power (the main job)",
                 "bshadow_jax.studies.regimes", "configs/regimes_cpu.yaml",
-                "study folder (results.json, report.md, figures, one folder per arm/seed)"),
+                "study folder (results.json, items.csv, passages.csv, report.md, figures, one folder per arm/base/seed)"),
     "repetition": ("prompt-repetition case study: same recipe with and without repeated prompts and deduplication",
                    "bshadow_jax.studies.repetition", "configs/repetition_cpu.yaml",
-                   "study folder (results.json, report.md, figures, one folder per arm/seed)"),
+                   "study folder (results.json, items.csv, passages.csv, report.md, figures, one folder per arm/base/seed)"),
     "cross-family": ("diagnose a list of released base/tuned pairs and compare their footprints",
                      "bshadow_jax.studies.cross_family", "configs/cross_family.yaml",
                      "study folder (comparison.csv/.json, report.md, figures, pairs/NAME/ with each pair's diagnose output)"),

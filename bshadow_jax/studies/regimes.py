@@ -1,10 +1,11 @@
 """`bshadow experiment regimes CONFIG --out DIR`: the controlled intervention study (the main job).
 
-One base model (pretrained on general text, or loaded), fine-tuned under each arm with
-identical settings over several seeds; narrow and broad evaluations, the diagnose footprint
-of every fine-tune against the base (in process, on the pytrees, and along training), the
-paper's claims tested with 95% intervals, and the regime score. See `studies.runner` for the
-folder layout and `studies.claims` for how each claim is decided.
+Bases (pretraining seeds, or one loaded checkpoint), each fine-tuned under every arm with
+identical settings over several seeds; narrow and broad evaluations with every item kept, the
+diagnose footprint of every fine-tune against its base (in process, on the pytrees, and along
+training), a seed noise floor, the paper's claims tested with a hierarchical bootstrap and their
+minimal detectable effects, and the regime score. See `studies.runner` for the folder layout,
+`studies.stats` for the statistics and `studies.claims` for how each claim is decided.
 """
 from __future__ import annotations
 

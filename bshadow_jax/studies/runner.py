@@ -1,14 +1,15 @@
-"""Run an arm study: one base, every arm x seed fine-tuned with identical settings.
+"""Run an arm study: bases (pretraining seeds), every arm x base x seed fine-tuned with identical settings.
 
 Layout of the study folder DIR:
-  DIR/base/run/                    the base's pretraining run (a bshadow run folder), or nothing when loaded
-  DIR/base/eval.json               the base's narrow/broad/perplexity scores
-  DIR/arms/ARM/seedS/run/          the fine-tune (bshadow run folder, resumable)
-  DIR/arms/ARM/seedS/diagnose/     diagnose output of the fine-tune against the base (metrics.csv, summary.json, ...)
-  DIR/arms/ARM/seedS/record.json   evals, footprint, footprint along training, loss curve (written last)
-  DIR/results.json, DIR/report.md, DIR/*.png   written atomically at the end
-Re-running on the same DIR reuses every finished arm/seed (record.json with the same
-config hash) and resumes unfinished runs from their checkpoints.
+  DIR/bases/baseB/run/                 base B's pretraining run (a bshadow run folder), or nothing when loaded
+  DIR/bases/baseB/eval.json            base B's scores, with every item (items.csv's base rows)
+  DIR/arms/ARM/baseB/seedS/run/        the fine-tune (bshadow run folder, resumable)
+  DIR/arms/ARM/baseB/seedS/diagnose/   diagnose output of the fine-tune against its base (metrics.csv, summary.json, ...)
+  DIR/arms/ARM/baseB/seedS/record.json evals with every item, footprint variants, distinct tokens, curves (written last)
+  DIR/noise_floor/ARM/baseB/seedI-seedJ.json  footprint of W_seedI - W_seedJ (and the between-arm deltas)
+  DIR/results.json, DIR/items.csv, DIR/passages.csv, DIR/report.md, DIR/*.png   written atomically at the end
+Re-running on the same DIR reuses every finished unit (record.json with the same config hash)
+and resumes unfinished runs from their checkpoints.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
+from bshadow_jax.data.pipeline import distinct_tokens
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
+from bshadow_jax.diagnostics.footprint import NON_BLOCK_MODULES
 from bshadow_jax.errors import UserError
 from bshadow_jax.evals import evaluate as _evaluate
 from bshadow_jax.fileio import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, safe_join
@@ -32,7 +35,7 @@ from bshadow_jax.models import load_pretrained
 from bshadow_jax.studies import finalize as fin
 from bshadow_jax.training.config import TrainConfig
 from bshadow_jax.training.loop import train
-from bshadow_jax.studies.aggregate import seed_footprint
+from bshadow_jax.studies.aggregate import footprint_variants, seed_footprint
 from bshadow_jax.studies.spec import ArmSpec, StudyConfig
 
 RECORD = "record.json"
@@ -61,15 +64,19 @@ def build_eval_sets(cfg: StudyConfig, data_cfg, tokenizer):
     return _build_eval_sets(data_cfg, **cfg.evals.options)
 
 
-_KEEP = {"narrow": ("score", "by_category", "acc_norm", "exact_match"), "broad": ("score", "by_category")}
+_KEEP = {"narrow": ("score", "margin", "by_category", "by_category_margin", "acc_norm", "exact_match"),
+         "broad": ("score", "margin", "by_category", "by_category_margin")}
 
 
 def evaluate(model_cfg, params, tokenizer, eval_sets, evals_spec) -> dict:
+    """One model's scores, with every scored item and held-out passage (the statistics resample them)."""
     raw = _evaluate(model_cfg, params, tokenizer, eval_sets, batch_size=evals_spec.batch_size,
                     seq_len=evals_spec.seq_len)
     out = {sec: {k: raw[sec][k] for k in keep if k in raw.get(sec, {})} for sec, keep in _KEEP.items()}
     ppl = raw.get("perplexity")
     out["perplexity"] = dict(ppl) if isinstance(ppl, Mapping) else {"value": ppl}
+    out["items"] = raw["items"]
+    out["passages"] = raw["passages"]
     return _plain(out)
 
 
@@ -119,57 +126,63 @@ def _matrices(rows) -> list[dict]:
 # ---------------------------------------------------------------- the base
 
 class Base:
-    """The shared base: its model config dict, params and the tokenizer."""
+    """One base: its label (pretraining seed), model config, params and the tokenizer."""
 
-    def __init__(self, model_cfg, params, tokenizer, source: str, curve: list[dict]):
+    def __init__(self, model_cfg, params, tokenizer, source: str, curve: list[dict], seed: int = 0):
         self.model_cfg = model_cfg
         self.params = params
         self.tokenizer = tokenizer
         self.source = source
         self.curve = curve
+        self.seed = int(seed)
 
     @property
     def model_dict(self) -> dict:
         return to_dict(self.model_cfg)
 
 
-def prepare_base(cfg: StudyConfig, out: Path, tokenizer) -> Base:
+def base_dir(out: Path, seed: int) -> Path:
+    return safe_join(out, "bases", f"base{seed}")
+
+
+def prepare_base(cfg: StudyConfig, out: Path, tokenizer, seed: int) -> Base:
     if cfg.base.load:
         _log(f"loading base {cfg.base.load}")
         model_cfg, params = load_pretrained(cfg.base.load)
-        return Base(model_cfg, params, tokenizer, cfg.base.load, [])
-    pcfg = cfg.pretrain_config()
-    run_dir = out / "base" / "run"
-    done = out / "base" / "done.json"
+        return Base(model_cfg, params, tokenizer, cfg.base.load, [], seed)
+    pcfg = cfg.pretrain_config({"seed": int(seed)})
+    run_dir = base_dir(out, seed) / "run"
+    done = base_dir(out, seed) / "done.json"
     want = config_hash(to_dict(pcfg))
     info = _read_json(done)
     if info is not None and info.get("config_hash") != want:
         raise UserError(f"{done}: this study folder's base was pretrained with another config; use a new --out")
     t0 = time.perf_counter()
-    _log(f"pretraining the base: {pcfg.train.steps} steps" + (" (resuming/reusing)" if run_dir.exists() else ""))
+    _log(f"pretraining base {seed}: {pcfg.train.steps} steps" + (" (resuming/reusing)" if run_dir.exists() else ""))
     res = train(pcfg, run_dir, tokenizer=tokenizer, progress=False)
     curve = [{"step": int(m["step"]), "loss": float(m["loss"])} for m in res.metrics if "loss" in m]
     if info is None:
         atomic_write_json(done, {"config_hash": want, "steps": res.step, "wall_s": time.perf_counter() - t0})
-    _log(f"base ready in {time.perf_counter() - t0:.1f}s (final loss {curve[-1]['loss'] if curve else float('nan'):.3f})")
-    return Base(res.model_config, res.params, tokenizer, f"pretrained:{want}", curve)
+    _log(f"base {seed} ready in {time.perf_counter() - t0:.1f}s (final loss "
+         f"{curve[-1]['loss'] if curve else float('nan'):.3f})")
+    return Base(res.model_config, res.params, tokenizer, f"pretrained:{want}", curve, seed)
 
 
 # ---------------------------------------------------------------- one arm x seed
 
-def unit_dir(out: Path, arm: str, seed: int) -> Path:
-    return safe_join(out, "arms", arm, f"seed{seed}")
+def unit_dir(out: Path, arm: str, base: int, seed: int) -> Path:
+    return safe_join(out, "arms", arm, f"base{base}", f"seed{seed}")
 
 
 def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, eval_sets,
              unit_hash_extra: Mapping[str, Any]) -> dict:
-    udir = unit_dir(out, arm.name, seed)
+    udir = unit_dir(out, arm.name, base.seed, seed)
     arm_dict = cfg.arm_dict(arm, seed, base.model_dict)
     steps = int(arm_dict.get("train", {}).get("steps", 100))
     # The loop hands us params every `every` steps without an orbax save (callback_every).
     every = max(1, steps // cfg.diagnose.track_points) if cfg.diagnose.track_points > 0 else 0
     tcfg = from_dict(TrainConfig, arm_dict)
-    want = config_hash({"train": to_dict(tcfg), **unit_hash_extra})
+    want = config_hash({"train": to_dict(tcfg), "base": base.source, **unit_hash_extra})
     rec = _read_json(udir / RECORD)
     if rec is not None:
         if rec.get("config_hash") == want:
@@ -189,16 +202,20 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     t_train = time.perf_counter() - t0
     d = diagnose(base.params, res.params, cfg)
     write_diagnose(d, udir / "diagnose", figures=cfg.diagnose.unit_figures)
-    fp = seed_footprint(d.summary, d.rows)
+    variants = footprint_variants(d.summary, d.rows)
+    fp = variants["all"]
     if not curve or curve[-1]["step"] != res.step:
         curve.append({"step": int(res.step), **fp})
     t1 = time.perf_counter()
     ev = evaluate(base.model_cfg, res.params, base.tokenizer, eval_sets, cfg.evals)
     t_eval = time.perf_counter() - t1
+    tokens = distinct_tokens(tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=tcfg.train.batch_size,
+                             seed=tcfg.seed, steps=steps)
     record = {
-        "arm": arm.name, "seed": int(seed), "config_hash": want,
+        "arm": arm.name, "base": base.seed, "seed": int(seed), "config_hash": want,
         "narrow": ev.get("narrow", {}), "broad": ev.get("broad", {}), "perplexity": ev.get("perplexity", {}),
-        "footprint": fp,
+        "items": ev["items"], "passages": ev["passages"], "distinct_tokens": tokens,
+        "footprint": fp, "footprint_variants": variants,
         "footprint_by_module": _plain({k: v.get("energy_share") for k, v in (d.summary.get("by_module") or {}).items()
                                        if isinstance(v, Mapping)}),
         "footprint_curve": curve,
@@ -207,8 +224,9 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
         "timing_s": {"train": t_train, "eval": t_eval, "total": time.perf_counter() - t0},
     }
     atomic_write_json(udir / RECORD, _plain(record))
-    _log(f"{arm.name} seed {seed}: narrow {_score(record, 'narrow')}, broad {_score(record, 'broad')}, "
-         f"entropy {fp.get('entropy', float('nan')):.3f} ({record['timing_s']['total']:.1f}s)")
+    _log(f"{arm.name} base {base.seed} seed {seed}: narrow {_score(record, 'narrow')}, broad {_score(record, 'broad')}, "
+         f"blocks-only entropy {variants['blocks_only'].get('entropy', float('nan')):.3f}, {tokens} distinct tokens "
+         f"({record['timing_s']['total']:.1f}s)")
     return record
 
 
@@ -217,30 +235,125 @@ def _score(rec: Mapping, section: str) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+# ---------------------------------------------------------------- the seed noise floor
+
+def _delta_fro(rows, *, blocks_only: bool) -> float:
+    vals = [float(r["delta_fro"]) ** 2 for r in rows
+            if r.get("delta_fro") is not None and not (blocks_only and r.get("module") in NON_BLOCK_MODULES)]
+    return float(np.sqrt(np.sum(vals))) if vals else float("nan")
+
+
+def _pair_footprint(cfg: StudyConfig, path: Path, a_dir: Path, b_dir: Path, key: Mapping[str, Any]) -> dict:
+    """The footprint of W_a - W_b (two fine-tunes of one base), cached at `path` by the runs' config hashes."""
+    want = config_hash(dict(key))
+    cached = _read_json(path)
+    if cached is not None and cached.get("config_hash") == want:
+        return cached
+    _, wa = load_pretrained(str(a_dir / "run"))
+    _, wb = load_pretrained(str(b_dir / "run"))
+    d = diagnose(wb, wa, cfg)  # "base" = b, so the delta is W_a - W_b
+    variants = footprint_variants(d.summary, d.rows)
+    flat = {f"{'footprint' if v == 'all' else 'footprint_' + v}.{k}": x for v, m in variants.items() for k, x in m.items()}
+    rec = {"config_hash": want, "footprint": flat,
+           "delta_fro_total": _delta_fro(d.rows, blocks_only=False),
+           "delta_fro_blocks_only": _delta_fro(d.rows, blocks_only=True)}
+    atomic_write_json(path, _plain(rec))
+    return rec
+
+
+def _mean_of(recs: list[dict]) -> dict:
+    keys = sorted({k for r in recs for k in r["footprint"]})
+    fp = {k: float(np.mean([r["footprint"][k] for r in recs if r["footprint"].get(k) is not None])) for k in keys}
+    return {"pairs": len(recs), "footprint": fp,
+            "delta_fro_total": float(np.mean([r["delta_fro_total"] for r in recs])),
+            "delta_fro_blocks_only": float(np.mean([r["delta_fro_blocks_only"] for r in recs]))}
+
+
+def noise_floor(cfg: StudyConfig, out: Path, records: Mapping[str, list[dict]]) -> dict:
+    """Seed-versus-seed deltas within one arm and base (disjoint seed pairs), and same-seed deltas
+    between the claim arms: {"arms": {ARM: floor}, "between_arms": {"A - B": distance, "over_floor"}}."""
+    pairs_per = cfg.analysis.noise_floor_pairs
+    roles = cfg.claims
+    names = [n for n in dict.fromkeys([roles.aligned, roles.coverage, roles.token_matched, roles.plain,
+                                       roles.repeated, roles.dedup]) if n in records]
+    if not pairs_per or not names:
+        return {}
+    floor: dict[str, Any] = {"arms": {}, "between_arms": {}}
+    for arm in names:
+        recs = []
+        by_base: dict[int, list[dict]] = {}
+        for r in sorted(records[arm], key=lambda r: (r["base"], r["seed"])):
+            by_base.setdefault(int(r["base"]), []).append(r)
+        for b, rs in by_base.items():
+            for k in range(min(pairs_per, len(rs) // 2)):
+                ra, rb = rs[2 * k], rs[2 * k + 1]
+                path = safe_join(out, "noise_floor", arm, f"base{b}", f"seed{ra['seed']}-seed{rb['seed']}.json")
+                recs.append(_pair_footprint(cfg, path, unit_dir(out, arm, b, ra["seed"]), unit_dir(out, arm, b, rb["seed"]),
+                                            {"a": ra["config_hash"], "b": rb["config_hash"]}))
+        if recs:
+            floor["arms"][arm] = _mean_of(recs)
+    for ref in (roles.aligned, roles.token_matched):
+        co = roles.coverage
+        if ref == co or co not in records or ref not in records or co not in floor["arms"] or ref not in floor["arms"]:
+            continue
+        mine = {(r["base"], r["seed"]): r for r in records[co]}
+        recs, per_base = [], {}
+        for r in sorted(records[ref], key=lambda r: (r["base"], r["seed"])):
+            other = mine.get((r["base"], r["seed"]))
+            if other is None or per_base.get(r["base"], 0) >= pairs_per:
+                continue
+            per_base[r["base"]] = per_base.get(r["base"], 0) + 1
+            path = safe_join(out, "noise_floor", f"{co}-vs-{ref}", f"base{r['base']}", f"seed{r['seed']}.json")
+            recs.append(_pair_footprint(cfg, path, unit_dir(out, co, r["base"], r["seed"]),
+                                        unit_dir(out, ref, r["base"], r["seed"]),
+                                        {"a": other["config_hash"], "b": r["config_hash"]}))
+        if recs:
+            entry = _mean_of(recs)
+            fl = [floor["arms"][a]["delta_fro_blocks_only"] for a in (co, ref)]
+            entry["over_floor_blocks_only"] = entry["delta_fro_blocks_only"] / float(np.mean(fl))
+            fl = [floor["arms"][a]["delta_fro_total"] for a in (co, ref)]
+            entry["over_floor_total"] = entry["delta_fro_total"] / float(np.mean(fl))
+            floor["between_arms"][f"{co} - {ref}"] = entry
+    return floor
+
+
 # ---------------------------------------------------------------- the whole study
 
-def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str,
-              finalize: Callable[[StudyConfig, Path, dict, dict, Base, dict | None], None] | None = None) -> dict:
+def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str) -> dict:
     out = check_output_dir(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     arms = cfg.active_arms()
     first = cfg.arm_config(arms[0], cfg.seeds[0])
     tokenizer = get_tokenizer(first.data)
-    base = prepare_base(cfg, out, tokenizer)
     eval_sets = build_eval_sets(cfg, first.data, tokenizer)
-    base_eval_path = out / "base" / "eval.json"
-    base_eval = _read_json(base_eval_path)
-    if base_eval is None:
-        base_eval = evaluate(base.model_cfg, base.params, tokenizer, eval_sets, cfg.evals)
-        atomic_write_json(base_eval_path, base_eval)
-    extra = {"base": base.source, "evals": to_dict(cfg.evals), "diagnose": to_dict(cfg.diagnose)}
-    records: dict[str, list[dict]] = {}
-    for arm in arms:
-        for seed in cfg.seeds:
-            records.setdefault(arm.name, []).append(run_unit(cfg, base, arm, seed, out, eval_sets, extra))
-    results = fin.build_results(cfg, records, study=study, base_eval=base_eval,
-                                wall_s=time.perf_counter() - t_start)
-    fin.write_outputs(cfg, out, results, records, base_eval=base_eval, base_curve=base.curve, title=title)
+    extra = {"evals": to_dict(cfg.evals), "diagnose": to_dict(cfg.diagnose)}
+    records: dict[str, list[dict]] = {a.name: [] for a in arms}
+    base_evals: dict[int, dict] = {}
+    base_curves: dict[int, list[dict]] = {}
+    n_units = sum(len(cfg.arm_units(a)) for a in arms)
+    done = 0
+    for b in cfg.base.base_seeds():
+        todo = [(a, s) for a in arms for (bb, s) in cfg.arm_units(a) if bb == b]
+        if not todo:
+            continue
+        base = prepare_base(cfg, out, tokenizer, b)
+        base_curves[b] = base.curve
+        eval_path = base_dir(out, b) / "eval.json"
+        ev = _read_json(eval_path)
+        if ev is None or ev.get("source") != base.source:
+            ev = {"source": base.source, **evaluate(base.model_cfg, base.params, tokenizer, eval_sets, cfg.evals)}
+            atomic_write_json(eval_path, ev)
+        base_evals[b] = ev
+        for arm, seed in todo:
+            records[arm.name].append(run_unit(cfg, base, arm, seed, out, eval_sets, extra))
+            done += 1
+            if done % 5 == 0 or done == n_units:
+                _log(f"{done}/{n_units} fine-tunes done ({time.perf_counter() - t_start:.0f}s)")
+    floor = noise_floor(cfg, out, records)
+    results = fin.build_results(cfg, records, study=study, base_evals=base_evals, eval_sets=eval_sets,
+                                floor=floor, wall_s=time.perf_counter() - t_start)
+    fin.write_outputs(cfg, out, results, records, base_evals=base_evals, eval_sets=eval_sets,
+                      base_curves=base_curves, title=title)
     _log(f"study done in {time.perf_counter() - t_start:.1f}s: {out / 'results.json'}")
     return results

@@ -1,6 +1,6 @@
 """Study configs: one YAML file -> a validated, frozen `StudyConfig`.
 
-A study is one base model and a list of arms. Every arm fine-tunes the same base with
+A study is one or more bases (pretraining seeds) and a list of arms. Every arm fine-tunes each base with
 the same `finetune` settings (steps, batch, sequence length, optimizer, learning rate,
 seeds); an arm may only change the data section (`data:` keys merged onto
 `finetune.data`) and, for the optimizer-change control, the optimizer section
@@ -19,7 +19,7 @@ from typing import Any, Literal
 from bshadow_jax.config import from_dict, load_config
 from bshadow_jax.data.evalsets import build_eval_sets
 from bshadow_jax.errors import ConfigError
-from bshadow_jax.studies.claims import ClaimArms
+from bshadow_jax.studies.claims import Analysis, ClaimArms
 from bshadow_jax.training.config import TrainConfig
 
 # A small valid model section used only to validate the non-model sections when the base
@@ -33,6 +33,10 @@ class ArmSpec:
     name: str
     data: dict[str, Any] = dataclasses.field(default_factory=dict)   # merged onto finetune.data
     optim: dict[str, Any] = dataclasses.field(default_factory=dict)  # merged onto finetune.optim (optimizer control only)
+    # Descriptive arms may run on fewer fine-tuning seeds and bases than the claim arms:
+    # the first n_seeds of `seeds` and the first n_bases of `base.seeds` (0, or more than there are = all).
+    n_seeds: int = 0
+    n_bases: int = 0
     # Coverage fraction for the regime-score validation (0 = benchmark-aligned, 1 = coverage);
     # None = derived from the data section (aligned 0, coverage 1, mixture alpha) or unlabelled.
     coverage_fraction: float | None = None
@@ -41,6 +45,8 @@ class ArmSpec:
     def validate(self) -> None:
         if not self.name or any(not (c.isalnum() or c in "_-") for c in self.name):
             raise ConfigError(f"arms: name {self.name!r} must be non-empty letters, digits, _ or -")
+        if self.n_seeds < 0 or self.n_bases < 0:
+            raise ConfigError(f"arms.{self.name}: n_seeds and n_bases must be >= 0 (0 = all)")
         if self.coverage_fraction is not None and not 0.0 <= self.coverage_fraction <= 1.0:
             raise ConfigError(f"arms.{self.name}.coverage_fraction: must be in [0, 1]")
 
@@ -68,18 +74,31 @@ class BaseSpec:
     load: str = ""
     # a full TrainConfig mapping (model, data, train, optim, seed, mesh) for pretraining the base
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # pretraining seeds: one base per seed, every arm fine-tuned from each ([] = the one base of pretrain.seed)
+    seeds: list[int] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         if not self.load and not self.pretrain:
             raise ConfigError("base: give either base.load (a checkpoint) or base.pretrain (a training config)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"base.seeds: duplicates in {self.seeds}")
+        if self.load and len(self.seeds) > 1:
+            raise ConfigError("base.seeds: a loaded base (base.load) is one base; pretrain to study several")
+
+    def base_seeds(self) -> list[int]:
+        """The bases' labels: their pretraining seeds (0 for a loaded base)."""
+        if self.load:
+            return [int(self.seeds[0])] if self.seeds else [0]
+        return [int(s) for s in self.seeds] or [int(self.pretrain.get("seed", 0))]
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
     batch_size: int = 32     # packed rows per forward pass
     seq_len: int = 128       # packed row length
-    # passed to evals.build_eval_sets as keyword arguments (e.g. n_narrow_per_skill: 48)
-    options: dict[str, int] = dataclasses.field(default_factory=dict)
+    # passed to data.evalsets.build_eval_sets as keyword arguments (e.g. n_narrow_per_skill: 48,
+    # broad_formats: [qa, cloze])
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.seq_len < 8:
@@ -121,6 +140,26 @@ class RegimeScoreSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AnalysisSpec:
+    """The analysis plan, fixed before the run: bootstrap size and seed, and the seed noise floor."""
+
+    n_boot: int = 2000
+    seed: int = 0
+    # disjoint seed pairs per (arm, base) whose delta W_i - W_j is diagnosed: the change no data
+    # difference explains (0 = no noise floor)
+    noise_floor_pairs: int = 2
+
+    def validate(self) -> None:
+        if self.n_boot < 100:
+            raise ConfigError("analysis.n_boot: must be >= 100")
+        if self.noise_floor_pairs < 0:
+            raise ConfigError("analysis.noise_floor_pairs: must be >= 0")
+
+    def plan(self) -> Analysis:
+        return Analysis(n_boot=self.n_boot, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
     arms: list[ArmSpec]
     finetune: dict[str, Any]          # a TrainConfig mapping without `model` (the base's model is used)
@@ -129,6 +168,7 @@ class StudyConfig:
     evals: EvalSpec = dataclasses.field(default_factory=EvalSpec)
     diagnose: DiagnoseSpec = dataclasses.field(default_factory=DiagnoseSpec)
     claims: ClaimArms = dataclasses.field(default_factory=ClaimArms)
+    analysis: AnalysisSpec = dataclasses.field(default_factory=AnalysisSpec)
     regime_score: RegimeScoreSpec = dataclasses.field(default_factory=RegimeScoreSpec)
     description: str = ""
     # run only these arms (e.g. `only_arms=[benchmark_aligned,coverage_expanding]` for a quick look); [] = all
@@ -136,6 +176,13 @@ class StudyConfig:
 
     def active_arms(self) -> list[ArmSpec]:
         return [a for a in self.arms if not self.only_arms or a.name in self.only_arms]
+
+    def arm_units(self, arm: ArmSpec) -> list[tuple[int, int]]:
+        """(base, seed) of every fine-tune of `arm`, bases outermost."""
+        bases = self.base.base_seeds()
+        bases = bases[: arm.n_bases] if arm.n_bases else bases
+        seeds = self.seeds[: arm.n_seeds] if arm.n_seeds else self.seeds
+        return [(b, s) for b in bases for s in seeds]
 
     def validate(self) -> None:
         if not self.seeds:
