@@ -168,13 +168,16 @@ def test_design_chance_and_scores(large, large_report):
     assert "Held-out perplexity:" in base
 
 
-def test_category_marker_only_where_every_arm_contains_chance():
+def test_category_marker_only_where_no_arm_is_above_chance():
     def ci(lo, hi):
         return {"mean": (lo + hi) / 2, "lo": lo, "hi": hi}
-    arms = {a: {"broad": {"by_category": {"x": ci(0.1, 0.4), "y": ci(0.1, 0.4) if a == "a" else ci(0.3, 0.6)},
-                          "chance_by_category": {"x": 0.25, "y": 0.25}}} for a in ("a", "b")}
+    # x: every arm contains chance; z: every arm below or at chance; y: arm b is above chance
+    arms = {a: {"broad": {"by_category": {"x": ci(0.1, 0.4), "y": ci(0.1, 0.4) if a == "a" else ci(0.3, 0.6),
+                                          "z": ci(0.1, 0.2) if a == "a" else ci(0.15, 0.3)},
+                          "chance_by_category": {"x": 0.25, "y": 0.25, "z": 0.25}}} for a in ("a", "b")}
     head = report.category_table(arms, "broad").splitlines()[0]
     assert f"x {report.CHANCE_MARK} (chance 0.250)" in head and "| y (chance 0.250)" in head
+    assert f"z {report.CHANCE_MARK} (chance 0.250)" in head
 
 
 # ---------------------------------------------------------------- power

@@ -125,6 +125,13 @@ def _err(ci: Any) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def _above(ci: Any, x: float) -> bool | None:
+    """Whether the whole interval lies above x (None without bounds)."""
+    if not (isinstance(ci, Mapping) and _finite(ci.get("lo"))):
+        return None
+    return float(ci["lo"]) > x
+
+
 def _contains(ci: Any, x: float) -> bool | None:
     if not (isinstance(ci, Mapping) and _finite(ci.get("lo")) and _finite(ci.get("hi"))):
         return None
@@ -633,8 +640,9 @@ def _power_reading(rs: Sequence[Mapping[str, Any]]) -> str:
             notes.append(f"{big} of {len(dirs)} observed differences reach their mde")
         if weak:
             notes.append(f"{len(weak)} inconclusive test{'s' if len(weak) > 1 else ''} observed less than "
-                         f"{'their' if len(weak) > 1 else 'its'} mde: too little power to see an effect that size, "
-                         "not evidence that there is none")
+                         f"{'their' if len(weak) > 1 else 'its'} mde: a true difference of the mde or more would "
+                         "have been found with 80% power, so the interval bounds how large the difference can be; "
+                         "differences smaller than the mde stay undecided")
     for lab, r in eqs:
         kind = metric_kind(r.get("metric"))
         obs = abs(r["diff"]) if _finite(r.get("diff")) else None
@@ -715,8 +723,9 @@ def category_table(arms: Mapping[str, Any], section: str, base: Mapping[str, Any
     for c in cats:
         h = cell(c)
         if acc:
-            inside = [_contains(lookup(e, f"{section}.{key}.{c}"), chance[c]) for e in arms.values()] if c in chance else []
-            if inside and all(x is True for x in inside):
+            # flagged when no arm is significantly above chance (inside the interval, or below it)
+            above = [_above(lookup(e, f"{section}.{key}.{c}"), chance[c]) for e in arms.values()] if c in chance else []
+            if above and all(x is False for x in above):
                 h += f" {CHANCE_MARK}"
             h += f" (chance {fmt_num(chance.get(c), 'acc')})"
         head.append(h)
@@ -737,8 +746,9 @@ def scores_md(results: Mapping[str, Any]) -> list[str]:
     for sec, what in (("narrow", "skill"), ("broad", "category")):
         lines += [f"### {sec.capitalize()} accuracy by {what}", "", category_table(arms, sec, base), ""]
         lines += [f"Gold margin by {what}:", "", category_table(arms, sec, base, key="by_category_margin"), ""]
-    lines += [f"{CHANCE_MARK} every arm's 95% interval contains that column's chance level: "
-              "it does not separate any arm from guessing at this scale and measures nothing here.", ""]
+    lines += [f"{CHANCE_MARK} no arm's 95% interval lies above that column's chance level (it contains chance, or "
+              "lies below it): accuracy there does not separate any arm from guessing at this scale; the gold "
+              "margin may still move.", ""]
     return lines
 
 

@@ -269,50 +269,57 @@ def _mean_of(recs: list[dict]) -> dict:
             "delta_fro_blocks_only": float(np.mean([r["delta_fro_blocks_only"] for r in recs]))}
 
 
+def _by_base(recs: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in sorted(recs, key=lambda r: (r["base"], r["seed"])):
+        out.setdefault(int(r["base"]), []).append(r)
+    return out
+
+
 def noise_floor(cfg: StudyConfig, out: Path, records: Mapping[str, list[dict]]) -> dict:
-    """Seed-versus-seed deltas within one arm and base (disjoint seed pairs), and same-seed deltas
-    between the claim arms: {"arms": {ARM: floor}, "between_arms": {"A - B": distance, "over_floor"}}."""
+    """Seed-versus-seed deltas within one arm and base, and the same seed pairs across two claim arms.
+
+    Per base, disjoint pairs of consecutive seeds (s0, s1), (s2, s3), ... (`analysis.noise_floor_pairs`
+    of them): the floor diagnoses W_arm,s0 - W_arm,s1; `between_arms` diagnoses W_coverage,s0 -
+    W_ref,s1, so both sides differ in seed (and so in data order) and the arm is the only extra
+    difference. Returns {"arms": {ARM: floor}, "between_arms": {"A - B": distance, "over_floor_*"}}.
+    """
     pairs_per = cfg.analysis.noise_floor_pairs
     roles = cfg.claims
     names = [n for n in dict.fromkeys([roles.aligned, roles.coverage, roles.token_matched, roles.plain,
                                        roles.repeated, roles.dedup]) if n in records]
     if not pairs_per or not names:
         return {}
+
+    def pairs(arm_a: str, arm_b: str) -> list[dict]:
+        b_runs = _by_base(records[arm_b])
+        recs = []
+        for b, rs in _by_base(records[arm_a]).items():
+            others = b_runs.get(b, [])
+            for k in range(min(pairs_per, len(rs) // 2, len(others) // 2)):
+                ra, rb = rs[2 * k], others[2 * k + 1]
+                where = arm_a if arm_a == arm_b else f"{arm_a}-vs-{arm_b}"
+                path = safe_join(out, "noise_floor", where, f"base{b}", f"seed{ra['seed']}-seed{rb['seed']}.json")
+                recs.append(_pair_footprint(cfg, path, unit_dir(out, arm_a, b, ra["seed"]),
+                                            unit_dir(out, arm_b, b, rb["seed"]),
+                                            {"a": ra["config_hash"], "b": rb["config_hash"]}))
+        return recs
+
     floor: dict[str, Any] = {"arms": {}, "between_arms": {}}
     for arm in names:
-        recs = []
-        by_base: dict[int, list[dict]] = {}
-        for r in sorted(records[arm], key=lambda r: (r["base"], r["seed"])):
-            by_base.setdefault(int(r["base"]), []).append(r)
-        for b, rs in by_base.items():
-            for k in range(min(pairs_per, len(rs) // 2)):
-                ra, rb = rs[2 * k], rs[2 * k + 1]
-                path = safe_join(out, "noise_floor", arm, f"base{b}", f"seed{ra['seed']}-seed{rb['seed']}.json")
-                recs.append(_pair_footprint(cfg, path, unit_dir(out, arm, b, ra["seed"]), unit_dir(out, arm, b, rb["seed"]),
-                                            {"a": ra["config_hash"], "b": rb["config_hash"]}))
+        recs = pairs(arm, arm)
         if recs:
             floor["arms"][arm] = _mean_of(recs)
+    co = roles.coverage
     for ref in (roles.aligned, roles.token_matched):
-        co = roles.coverage
-        if ref == co or co not in records or ref not in records or co not in floor["arms"] or ref not in floor["arms"]:
+        if ref == co or co not in floor["arms"] or ref not in floor["arms"]:
             continue
-        mine = {(r["base"], r["seed"]): r for r in records[co]}
-        recs, per_base = [], {}
-        for r in sorted(records[ref], key=lambda r: (r["base"], r["seed"])):
-            other = mine.get((r["base"], r["seed"]))
-            if other is None or per_base.get(r["base"], 0) >= pairs_per:
-                continue
-            per_base[r["base"]] = per_base.get(r["base"], 0) + 1
-            path = safe_join(out, "noise_floor", f"{co}-vs-{ref}", f"base{r['base']}", f"seed{r['seed']}.json")
-            recs.append(_pair_footprint(cfg, path, unit_dir(out, co, r["base"], r["seed"]),
-                                        unit_dir(out, ref, r["base"], r["seed"]),
-                                        {"a": other["config_hash"], "b": r["config_hash"]}))
+        recs = pairs(co, ref)
         if recs:
             entry = _mean_of(recs)
-            fl = [floor["arms"][a]["delta_fro_blocks_only"] for a in (co, ref)]
-            entry["over_floor_blocks_only"] = entry["delta_fro_blocks_only"] / float(np.mean(fl))
-            fl = [floor["arms"][a]["delta_fro_total"] for a in (co, ref)]
-            entry["over_floor_total"] = entry["delta_fro_total"] / float(np.mean(fl))
+            for kind in ("blocks_only", "total"):
+                fl = [floor["arms"][a][f"delta_fro_{kind}"] for a in (co, ref)]
+                entry[f"over_floor_{kind}"] = entry[f"delta_fro_{kind}"] / float(np.mean(fl))
             floor["between_arms"][f"{co} - {ref}"] = entry
     return floor
 
