@@ -25,7 +25,7 @@ from pathlib import Path
 # lowest first; each entry is a layer (names are the first component under the package)
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "lazy"),
-    ("fileio", "config"),                # core helpers: atomic writes, cache root, YAML -> dataclasses
+    ("fileio", "config", "distributed"),                # core helpers: atomic writes, cache root, YAML -> dataclasses
     ("formats", "reporting"),            # checkpoint files tensor by tensor; figure/table plumbing
     ("models",),                         # the decoder, its config, load_pretrained / save_pretrained
     ("data",),                           # skill world, text, tokenizer, eval split, interventions, pipelines

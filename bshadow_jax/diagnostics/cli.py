@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bshadow_jax import distributed
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
@@ -39,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
              "decompositions of BASE and TUNED (base_overlap, intruder_count, subspace_rotation left empty)",
     )
     _layout_options(d)
+    distributed.add_args(d)
     d.set_defaults(handler=_run_diagnose)
 
     s = sub.add_parser(
@@ -69,9 +72,12 @@ def _layout_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    from bshadow_jax.diagnostics.run import diagnose_cli
+    def go() -> int:
+        from bshadow_jax.diagnostics.run import diagnose_cli
 
-    return diagnose_cli(args)
+        return diagnose_cli(args)
+
+    return distributed.run(args, go)
 
 
 def _run_spectrum(args: argparse.Namespace) -> int:

@@ -105,21 +105,85 @@ def _diagnose_sources(base_src, tuned_srcs: Sequence, *, topk=8, mesh=None, rena
     for p in pairs:
         groups.setdefault(tuple(p.items), []).append(p)
     metric_cols = list(DIAGNOSE_COLS) + [f"delta_{m.name}" for m in registry.registered_metrics()]
+    # Several processes (bshadow_jax.distributed): chunk j is read and computed by process j % N over its
+    # own devices, and process 0 adds every chunk's result in the single-process order; the others return [].
+    me, n_proc = _process_slot()
+    done: list[tuple[int, int, Any, np.ndarray]] = []  # (chunk number, pair number, result, finite)
+    j = 0
     with plan.progress_bar(sum(len(p.items) for p in pairs), progress, "diagnose") as bar:
         for items, group in groups.items():
             mesh_, nd, chunks, first_len = plan.plan_chunks(list(items), mesh, budget_mb, copies=5 + len(group))
+            numbers = list(range(j, j + len(chunks)))
+            j += len(chunks)
+            mine = [(k, c) for k, c in zip(numbers, chunks) if k % n_proc == me]
             sources = [base_src] + [p.tuned for p in group]
-            for chunk, (b, *ts), finite in plan.iter_chunks(chunks, *sources, prefetch_limit_bytes=budget_mb * 2**20):
+            loaded = plan.iter_chunks([c for _, c in mine], *sources, prefetch_limit_bytes=budget_mb * 2**20)
+            for (k, _), (chunk, (b, *ts), finite) in zip(mine, loaded):
                 pad = plan.chunk_pad_size(len(chunk), first_len[tuple(chunk[0].shape)], nd)
                 cache: dict = {}  # this base chunk's decompositions, shared by the group's fine-tunes
                 for p, t in zip(group, ts):
                     res = stacks.pair_stack(b, t, topk=topk, method=method, mesh=mesh_, eig_backend=eig_backend,
                                             pad_to=pad, metrics=metrics, base_cache=cache if len(group) > 1 else None)
-                    p.add(chunk, res, finite, metric_cols)
+                    if n_proc == 1:
+                        p.add(chunk, res, finite, metric_cols)
+                    else:
+                        done.append((k, pairs.index(p), res, finite))
                     bar.update(len(chunk))
                 del b, ts, cache  # before the generator reads the next chunk
+    if n_proc > 1:
+        if not _gather_chunks(done, pairs, groups, metric_cols, mesh, budget_mb):
+            return []
     return [p.finish(topk=topk, method=method, metrics=metrics, metric_cols=metric_cols, rename=rename)
             for p in pairs]
+
+
+def _process_slot() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _gather_chunks(done, pairs, groups, metric_cols, mesh, budget_mb) -> bool:
+    """Send this process's chunk results to process 0, which adds all of them in chunk order (True there)."""
+    import io
+
+    from bshadow_jax import distributed
+
+    arrays: dict[str, np.ndarray] = {}
+    for k, pi, res, finite in done:
+        key = f"{k}/{pi}"
+        arrays[f"{key}/finite"] = np.asarray(finite)
+        arrays[f"{key}/sv"] = np.asarray(res.sv)
+        for name in ("redo_sv", "redo_intruders", "redo_vectors"):
+            value = getattr(res, name)
+            if value is not None:
+                arrays[f"{key}/{name}"] = np.asarray(value)
+        for c, v in res.columns.items():
+            arrays[f"{key}/col/{c}"] = np.asarray(v)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # plain arrays: no pickle crosses the coordinator
+    payloads = distributed.gather_bytes("diagnose", buf.getvalue())
+    if payloads is None:
+        return False
+    results: dict[tuple[int, int], dict] = {}
+    for payload in payloads:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            for name in z.files:
+                k, pi, rest = name.split("/", 2)
+                results.setdefault((int(k), int(pi)), {})[rest] = z[name]
+    j = 0
+    for items, group in groups.items():
+        _, _, chunks, _ = plan.plan_chunks(list(items), mesh, budget_mb, copies=5 + len(group))
+        for chunk in chunks:
+            for p in group:
+                got = results[(j, pairs.index(p))]
+                cols = {c[len("col/"):]: v for c, v in got.items() if c.startswith("col/")}
+                res = stacks.PairStackResult(columns=cols, sv=got["sv"], redo_sv=got.get("redo_sv"),
+                                             redo_intruders=got.get("redo_intruders"),
+                                             redo_vectors=got.get("redo_vectors"))
+                p.add(chunk, res, got["finite"], metric_cols)
+            j += 1
+    return True
 
 
 def _why_none(base_src, tuned_src, skipped) -> str:
@@ -244,6 +308,8 @@ def diagnose_cli(args) -> int:
     results = diagnose_many(args.base, tuned, topk=args.topk, rename=args.rename, include=args.include,
                             exclude=args.exclude, budget_mb=args.batch_budget_mb, progress=None,
                             metrics=args.metrics, **_layout_args(args))
+    if not results:  # a process other than 0 of a multi-process run: its chunks went to process 0, which writes
+        return 0
     if args.probe is not None:
         for res, probed in zip(results, probe_many(args.base, tuned, args.probe, seq_len=args.probe_seq_len)):
             res.summary["probe"] = probed

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bshadow_jax import distributed
+
 # name: (what it is, module with run_cli, a shipped config, what --out holds)
 _STUDIES = {
     "regimes": ("the controlled intervention study: bases x data arms x seeds, narrow vs broad with per-item records, "
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         e.add_argument("config", help=f"study config, e.g. {example}")
         e.add_argument("--out", required=True, help=out_help)
         e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        distributed.add_args(e)
         e.set_defaults(handler=_make_handler(module))
 
 
@@ -34,6 +37,7 @@ def _make_handler(module: str):
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        return importlib.import_module(module).run_cli(args.config, args.out, args.overrides)
+        return distributed.run(args, lambda: importlib.import_module(module).run_cli(args.config, args.out,
+                                                                                     args.overrides))
 
     return handler

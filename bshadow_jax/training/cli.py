@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bshadow_jax import distributed
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,10 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML config file, e.g. configs/smoke.yaml")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.yaml, TensorBoard events")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    distributed.add_args(p)
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bshadow_jax.training.loop import train_from_cli
+    def go() -> int:
+        from bshadow_jax.training.loop import train_from_cli
 
-    return train_from_cli(args.config, args.out, args.overrides)
+        return train_from_cli(args.config, args.out, args.overrides)
+
+    return distributed.run(args, go)

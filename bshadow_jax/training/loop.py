@@ -129,11 +129,44 @@ def _start_from_checkpoint(cfg: TrainConfig, run_dir: Path, tokenizer) -> tuple[
     return cfg, params, tokenizer
 
 
-def _default_dataset(cfg: TrainConfig, tokenizer, local_batch: int):
-    return make_train_dataset(
-        cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch, seed=cfg.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-    )
+def _default_dataset(cfg: TrainConfig, tokenizer, local_batch: int, rows: slice | None = None):
+    """The data pipeline's batches for this host. With several processes, every process builds the global
+    batch and keeps its `rows`: the data order is that of one process with the same global batch, so a
+    run's result does not depend on how its devices are split into processes (at the cost of every host
+    preparing the whole batch, cheap next to the step for the models this trains)."""
+    if rows is None or jax.process_count() == 1:
+        return make_train_dataset(
+            cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=local_batch, seed=cfg.seed,
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+        )
+    ds = make_train_dataset(cfg.data, tokenizer, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                            seed=cfg.seed)
+    return ds.map(functools.partial(_take_rows, rows=rows))
+
+
+def _take_rows(batch: dict, rows: slice) -> dict:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _local_rows(mesh, global_batch: int) -> slice:
+    """The rows of the global batch that this process's devices hold (mesh.shard_batch's layout)."""
+    idx = mesh_lib.batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    starts = [i[0].start or 0 for i in idx.values()]
+    stops = [global_batch if i[0].stop is None else i[0].stop for i in idx.values()]
+    lo, hi = min(starts), max(stops)
+    if hi - lo != global_batch // jax.process_count():
+        raise UserError(f"mesh: this process's devices hold rows {lo}..{hi - 1} of the batch, not one contiguous "
+                        f"{global_batch // jax.process_count()}-row block; use a mesh whose data axis spans the hosts")
+    return slice(lo, hi)
+
+
+def _to_host(tree):
+    """A (possibly sharded over several processes) pytree as numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)  # every process calls it: a collective
 
 
 def _save_tokenizer(tokenizer, run_dir: Path) -> None:
@@ -278,7 +311,8 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(resolved))
         _save_tokenizer(tokenizer, run_dir)
-    ds = dataset(local_batch) if dataset is not None else _default_dataset(cfg, tokenizer, local_batch)
+    ds = dataset(local_batch) if dataset is not None else _default_dataset(
+        cfg, tokenizer, local_batch, _local_rows(mesh, tc.batch_size) if jax.process_count() > 1 else None)
     data_iter = iter(ds)
     ckpt = RunCheckpointer(run_dir, keep=tc.keep_checkpoints, async_save=async_checkpoints)
     latest = ckpt.latest_step()
@@ -336,17 +370,17 @@ def train(
                 ckpt.save(state, data_iter)
                 last_good = s + 1
                 if on_checkpoint is not None:
-                    on_checkpoint(s + 1, jax.device_get(state.params))
+                    on_checkpoint(s + 1, _to_host(state.params))
             elif on_checkpoint is not None and callback_every > 0 and (s + 1) % callback_every == 0:
                 handle(*pending)  # never hand out params of a diverged step
                 pending = None
-                on_checkpoint(s + 1, jax.device_get(state.params))
+                on_checkpoint(s + 1, _to_host(state.params))
         if pending is not None:
             handle(*pending)
     finally:
         logger.close()
         ckpt.close()
-    params = jax.device_get(state.params)
+    params = _to_host(state.params)
     return TrainResult(params=params, metrics=logger.rows, out_dir=run_dir, model_config=model_cfg, step=int(state.step))
 
 
