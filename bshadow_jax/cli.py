@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "bshadow_jax.models.cli",        # export
     "bshadow_jax.diagnostics.cli",   # diagnose, spectrum
     "bshadow_jax.data.cli",          # data audit
+    "bshadow_jax.evals.cli",         # eval
     "bshadow_jax.studies.cli",       # experiment regimes | repetition | cross-family
 )
 
