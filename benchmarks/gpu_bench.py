@@ -1,4 +1,4 @@
-"""One short accelerator run: bf16 training MFU (135M and ~1B Llama) and diagnose time for a 7B-shaped pair.
+"""One short accelerator run: bf16 training MFU (135M and ~1B Llama), diagnose time for a 7B-shaped pair, eval throughput.
 
   bash benchmarks/gpu.sh                                  # on the H200 machine (setup notes in gpu.sh)
   python benchmarks/gpu_bench.py --out DIR [--time-limit 480] [--sections roofline,train_135m,train_1b,diagnose_7b]
@@ -30,6 +30,10 @@ killed by its wall limit keeps what it measured):
   otherwise (jax's default float32 matmul on Hopper is TF32, too coarse for a Gram's eigenvalues). A few
   matrices are checked against scipy's svdvals of the host float32 delta.
 
+* eval_135m: the evaluation's jitted log-prob function (evals.scoring.model_logprob_fn: forward, log-softmax,
+  gather of the target and option ids, argmax; numpy out) on --eval-rows packed rows of --seq-len random
+  tokens, SmolLM2-135M shape, random weights; tokens scored per second (median of the timed calls).
+
 Goals (issue 6, H200): >= 40% MFU at 1B; 7B pair diagnosed in < 60 s. Printed next to the results.
 """
 from __future__ import annotations
@@ -49,13 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gpu_sections import bench_diagnose, bench_train, log, machine_info, matmul_roofline  # noqa: E402  (beside this script)
+from gpu_sections import bench_diagnose, bench_eval, bench_train, log, machine_info, matmul_roofline  # noqa: E402  (beside this script)
 
 H200_BF16_PEAK_TFLOPS = 989.0  # dense bf16, SXM datasheet (same tensor-core rate as the H100)
 GOAL_MFU_1B = 0.40
 GOAL_DIAG_7B_S = 60.0
 # run in this order: the goal sections first, so a run cut by its wall limit keeps them
-SECTIONS = ("roofline", "train_1b", "diagnose_7b", "train_135m")
+SECTIONS = ("roofline", "train_1b", "diagnose_7b", "train_135m", "eval_135m")
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -78,7 +82,7 @@ TINY_MODEL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hid
 TINY_PAIR = dict(layers=1, hidden=64, ffn=64, heads=4, kv_heads=4, vocab=64)
 
 # smallest remaining wall time worth starting a section with (seconds; compile included)
-MIN_SECONDS = {"roofline": 10, "train_135m": 60, "train_1b": 90, "diagnose_7b": 60}
+MIN_SECONDS = {"roofline": 10, "train_135m": 60, "train_1b": 90, "diagnose_7b": 60, "eval_135m": 30}
 
 
 # ----------------------------------------------------------------------------------- report
@@ -135,6 +139,14 @@ def markdown(results: dict) -> str:
                      f"{_fmt(err, '.1e')} | < 60 s |")
     else:
         lines.append(f"| Llama-2-7B-shaped pair | | | | | | | < 60 s {d.get('error', d.get('skipped', 'not run'))} |")
+    e = results.get("eval_135m") or {}
+    lines += ["", "| eval (option log-likelihood scoring) | rows x seq | call (ms, median) | tokens scored/s |",
+              "|---|---|---|---|"]
+    if "tokens_per_s" in e:
+        lines.append(f"| SmolLM2-135M shape, {e['compute_dtype']} | {e['rows']} x {e['seq_len']} | "
+                     f"{e['call_s_median'] * 1e3:.1f} | {e['tokens_per_s']:,.0f} |")
+    else:
+        lines.append(f"| SmolLM2-135M shape | | | {e.get('error', e.get('skipped', 'not run'))} |")
     g = results.get("goals", {})
     lines += ["", f"Goals: MFU >= 40% at 1B: {g.get('mfu_1b_ge_40pct')}; 7B pair < 60 s: "
                   f"{g.get('diagnose_7b_lt_60s')} (None = not measured)."]
@@ -171,6 +183,7 @@ def parse_args(argv=None):
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                     help="train.remat of both training sections (activation memory for a larger batch)")
+    ap.add_argument("--eval-rows", type=int, default=32, help="packed rows per scoring call (eval_135m)")
     ap.add_argument("--roofline-n", type=int, default=8192)
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS,
                     help="spec peak the MFU is quoted against (H200 dense bf16: 989)")
@@ -190,6 +203,7 @@ def parse_args(argv=None):
     if args.tiny:
         args.seq_len = min(args.seq_len, 64)
         args.batch_135m = args.batch_1b = 8
+        args.eval_rows = min(args.eval_rows, 8)
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
         args.roofline_n = min(args.roofline_n, 256)
         args.diag_budget_mb = min(args.diag_budget_mb, 64.0)
@@ -272,9 +286,20 @@ def main(argv=None) -> int:
                 f"generation {d['generate_s']:.1f} s, recomputed exactly {d['recomputed_exact']}, "
                 f"check max rel err {json.dumps(d['check'].get('max_rel_err'))}")
 
+    def eval_section() -> None:
+        run_section("eval_135m", lambda: bench_eval(
+            TINY_MODEL if args.tiny else SMOLLM2_135M, rows=args.eval_rows, seq_len=args.seq_len,
+            steps=args.steps, compute_dtype=args.compute_dtype))
+        e = results.get("eval_135m") or {}
+        if "tokens_per_s" in e:
+            log(f"eval_135m: {e['rows']}x{e['seq_len']} tokens scored per call in {e['call_s_median'] * 1e3:.1f} ms: "
+                f"{e['tokens_per_s']:,.0f} tokens/s (first call {e['first_call_s']:.1f} s)")
+
     for name in SECTIONS[1:]:
         if name == "diagnose_7b":
             diagnose_section()
+        elif name == "eval_135m":
+            eval_section()
         else:
             train_section(name)
 

@@ -351,3 +351,44 @@ def bench_diagnose(dims: dict, *, dtype_name: str, budget_mb: float, precision: 
     }
     del base, tuned, res
     return out
+
+
+# ----------------------------------------------------------------------------------- eval
+
+
+def bench_eval(model_dict: dict, *, rows: int, seq_len: int, steps: int, compute_dtype: str) -> dict:
+    """Scoring throughput: the jitted log-prob function of evals.scoring (what the studies' narrow/broad
+    evaluation runs; `bshadow eval`'s adapter batches the same forward pass) on packed rows of random
+    tokens, random weights. Tokens scored per second, median over `steps` timed calls after a compiling one.
+    """
+    import jax
+    import numpy as np
+
+    from bshadow_jax.evals.scoring import K_GATHER, model_logprob_fn
+    from bshadow_jax.models import init_params
+    from bshadow_jax.training.config import train_config_from_dict
+
+    model_cfg = train_config_from_dict({"seed": 0, "model": model_dict,
+                                        "train": {"steps": 1, "batch_size": 1, "seq_len": seq_len}}).llama_config()
+    t = time.perf_counter()
+    params = init_params(model_cfg, jax.random.key(0))
+    fn = model_logprob_fn(model_cfg, params, compute_dtype=compute_dtype)
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, model_cfg.vocab_size, (rows, seq_len), dtype=np.int32)
+    seg = np.ones((rows, seq_len), np.int32)
+    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy()
+    gather = rng.integers(0, model_cfg.vocab_size, (rows, seq_len, K_GATHER), dtype=np.int32)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    lp, _ = fn(inputs, seg, pos, gather)  # numpy out: includes the device-to-host copy, as scoring pays it
+    first_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        lp, _ = fn(inputs, seg, pos, gather)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"rows": rows, "seq_len": seq_len, "compute_dtype": compute_dtype, "params_total": _param_count(params),
+            "build_s": build_s, "first_call_s": first_s, "call_s_median": med, "call_s_all": times,
+            "tokens_per_s": rows * seq_len / med, "logp_finite": bool(np.isfinite(lp).all()),
+            "model": dict(model_dict)}

@@ -40,7 +40,11 @@ def test_tiny_run_writes_json_and_markdown(tiny_run):
     md = (out / "gpu_bench.md").read_text()
     for label in ("SmolLM2-135M", "Llama-3.2-1B", "7B-shaped pair", "Goals"):
         assert label in md
-    assert "diagnose_7b:" in stdout and "train_1b:" in stdout
+    assert "diagnose_7b:" in stdout and "train_1b:" in stdout and "eval_135m:" in stdout
+    ev = res["eval_135m"]
+    assert ev["logp_finite"] and ev["tokens_per_s"] > 0
+    assert math.isclose(ev["tokens_per_s"], ev["rows"] * ev["seq_len"] / ev["call_s_median"], rel_tol=1e-9)
+    assert "tokens scored/s" in md
     # tiny shapes prove nothing about the goals: they stay unjudged
     assert res["goals"] == {"mfu_1b_ge_40pct": None, "diagnose_7b_lt_60s": None}
 

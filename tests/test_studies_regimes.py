@@ -10,6 +10,10 @@ import yaml
 from testkit import FigureRecorder, check_png_figure, png_pixel, read_png
 
 from bshadow_jax.cli import main
+from bshadow_jax.config import from_dict
+from bshadow_jax.data.config import DataConfig
+from bshadow_jax.data.pipeline import distinct_tokens
+from bshadow_jax.data.tokenizer import get_tokenizer
 
 TINY = {
     "seeds": [0, 1],
@@ -98,6 +102,12 @@ def test_tiny_regimes_results_contract(tiny_study):
                     summary["footprint_blocks_only"]["entropy"])
                 # footprint tracked along training (every 2 of 4 steps) and at the end
                 assert [p["step"] for p in rec["footprint_curve"]] == [2, 4]
+    # the count taken while training equals a second pass over the same stream
+    rec = json.loads((out / "arms" / "coverage_expanding" / "base3" / "seed1" / "record.json").read_text())
+    data_cfg = from_dict(DataConfig, {**TINY["finetune"]["data"], "arm": "coverage_expanding"})
+    train = TINY["finetune"]["train"]
+    assert rec["distinct_tokens"] == distinct_tokens(data_cfg, get_tokenizer(data_cfg), seq_len=train["seq_len"],
+                                                     batch_size=train["batch_size"], seed=1, steps=train["steps"])
     # benchmark-aligned streams feed fewer distinct tokens than coverage (the C2 confound)
     dt = {a: res["arms"][a]["distinct_tokens"]["mean"] for a in ("benchmark_aligned", "coverage_expanding")}
     assert dt["benchmark_aligned"] < dt["coverage_expanding"], dt

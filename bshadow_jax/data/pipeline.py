@@ -282,15 +282,41 @@ def data_metadata(data_cfg: DataConfig) -> dict:
     return meta
 
 
+class TokenCounter:
+    """A pass-through batch map that collects the token ids of the first `steps` batches it sees.
+
+    Mapped onto the training dataset, it counts what the run really fed without a second pass over
+    the stream; `complete` is False when it saw fewer than `steps` batches (a resumed run), and then
+    `distinct_tokens` recomputes the count.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+        self.batches = 0
+        self._ids: set[int] = set()
+
+    def __call__(self, batch: dict) -> dict:
+        if self.batches < self.steps:
+            real = batch["segment_ids"] > 0
+            self._ids.update(np.unique(np.concatenate([batch["inputs"][real], batch["targets"][real]])).tolist())
+        self.batches += 1
+        return batch
+
+    @property
+    def complete(self) -> bool:
+        return self.batches >= self.steps
+
+    @property
+    def count(self) -> int:
+        return len(self._ids)
+
+
 def distinct_tokens(data_cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, seed: int, steps: int) -> int:
     """How many distinct token ids the first `steps` batches of this stream feed (inputs and targets of
     real segments): with Adam from a fresh state, an embedding row no batch touches gets no update, so
     this bounds the rank of the embedding's delta, whatever the data teach."""
-    ds = make_train_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed)
-    seen = np.zeros(0, np.int64)
-    it = iter(ds)
+    counter = TokenCounter(steps)
+    it = iter(make_train_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed))
     for _ in range(steps):
-        b = next(it)
-        real = b["segment_ids"] > 0
-        seen = np.union1d(seen, np.concatenate([b["inputs"][real], b["targets"][real]]))
-    return int(seen.size)
+        counter(next(it))
+    return counter.count

@@ -24,7 +24,7 @@ import numpy as np
 from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
-from bshadow_jax.data.pipeline import distinct_tokens
+from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens, make_train_dataset
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
 from bshadow_jax.diagnostics.footprint import NON_BLOCK_MODULES
@@ -197,8 +197,15 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
         d = diagnose(base.params, params, cfg)
         curve.append({"step": int(step), **seed_footprint(d.summary, d.rows)})
 
+    counter = TokenCounter(steps)
+
+    def dataset(local_batch: int):  # the loop's own single-process stream, counted as it is fed
+        return make_train_dataset(tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=local_batch,
+                                  seed=tcfg.seed).map(counter)
+
     res = train(tcfg, udir / "run", init_params=base.params, tokenizer=base.tokenizer,
-                on_checkpoint=on_checkpoint if every else None, callback_every=every, progress=False)
+                on_checkpoint=on_checkpoint if every else None, callback_every=every, progress=False,
+                dataset=dataset)
     t_train = time.perf_counter() - t0
     d = diagnose(base.params, res.params, cfg)
     write_diagnose(d, udir / "diagnose", figures=cfg.diagnose.unit_figures)
@@ -209,8 +216,9 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     t1 = time.perf_counter()
     ev = evaluate(base.model_cfg, res.params, base.tokenizer, eval_sets, cfg.evals)
     t_eval = time.perf_counter() - t1
-    tokens = distinct_tokens(tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=tcfg.train.batch_size,
-                             seed=tcfg.seed, steps=steps)
+    tokens = counter.count if counter.complete else distinct_tokens(  # a resumed run saw only its last batches
+        tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=tcfg.train.batch_size, seed=tcfg.seed,
+        steps=steps)
     record = {
         "arm": arm.name, "base": base.seed, "seed": int(seed), "config_hash": want,
         "narrow": ev.get("narrow", {}), "broad": ev.get("broad", {}), "perplexity": ev.get("perplexity", {}),
