@@ -117,39 +117,42 @@ def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, 
     return results
 
 
+def _csv(columns: Sequence[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _models(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Mapping[int, Mapping[str, Any]]):
+    """(arm, base, seed, record) of every scored model: the bases first (arm "base", seed empty), then each
+    arm's fine-tunes by base and seed."""
+    yield from ((BASE_ARM, int(b), "", ev) for b, ev in sorted(base_evals.items()))
+    for arm, recs in records.items():
+        yield from ((arm, int(r["base"]), int(r["seed"]), r) for r in sorted(recs, key=lambda r: (r["base"], r["seed"])))
+
+
 def items_csv(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Mapping[int, Mapping[str, Any]],
               meta) -> str:
     """items.csv: one row per scored eval item per fine-tune (and per base, arm "base", seed empty)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(ITEM_COLUMNS)
-    runs = [(BASE_ARM, int(b), "", ev) for b, ev in sorted(base_evals.items())]
-    runs += [(arm, int(r["base"]), int(r["seed"]), r) for arm, recs in records.items()
-             for r in sorted(recs, key=lambda r: (r["base"], r["seed"]))]
-    for arm, base, seed, rec in runs:
-        for sec in ("narrow", "broad"):
-            m, it = meta[sec], rec["items"][sec]
-            for k in range(len(m["item_id"])):
-                w.writerow((arm, base, seed, m["category"][k], m["skill"][k], m["format"][k], m["item_id"][k],
-                            int(it["correct"][k]), repr(float(it["gold_logprob"][k])), repr(float(it["margin"][k]))))
-    return buf.getvalue()
+    def rows():
+        for arm, base, seed, rec in _models(records, base_evals):
+            for sec in ("narrow", "broad"):
+                m, it = meta[sec], rec["items"][sec]
+                for k in range(len(m["item_id"])):
+                    yield (arm, base, seed, m["category"][k], m["skill"][k], m["format"][k], m["item_id"][k],
+                           int(it["correct"][k]), repr(float(it["gold_logprob"][k])), repr(float(it["margin"][k])))
+    return _csv(ITEM_COLUMNS, rows())
 
 
 def passages_csv(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Mapping[int, Mapping[str, Any]],
                  eval_sets) -> str:
     """passages.csv: each held-out text passage's token count and total log-probability per model."""
     ids = [decontam.text_id(p) for p in eval_sets.text]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PASSAGE_COLUMNS)
-    runs = [(BASE_ARM, int(b), "", ev) for b, ev in sorted(base_evals.items())]
-    runs += [(arm, int(r["base"]), int(r["seed"]), r) for arm, recs in records.items()
-             for r in sorted(recs, key=lambda r: (r["base"], r["seed"]))]
-    for arm, base, seed, rec in runs:
-        p = rec["passages"]
-        for k, pid in enumerate(ids):
-            w.writerow((arm, base, seed, pid, int(p["tokens"][k]), repr(float(p["logprob"][k]))))
-    return buf.getvalue()
+    return _csv(PASSAGE_COLUMNS, ((arm, base, seed, pid, int(rec["passages"]["tokens"][k]),
+                                   repr(float(rec["passages"]["logprob"][k])))
+                                  for arm, base, seed, rec in _models(records, base_evals) for k, pid in enumerate(ids)))
 
 
 def _general_text_used(cfg: StudyConfig) -> dict:

@@ -802,6 +802,24 @@ def footprint_md(results: Mapping[str, Any], records_by_arm: Mapping[str, Sequen
     return lines
 
 
+def _floor_table(first: str, entries: Mapping[str, Any], *, ratios: bool) -> list[str]:
+    """Rows of a noise-floor table: pairs, the blocks-only footprint of the delta and its norms (with
+    their ratio to the seed floor for between-arm deltas)."""
+    body = []
+    for name, f in entries.items():
+        fp = f.get("footprint") or {}
+        row = [cell(name), fmt_num(f.get("pairs"), "tokens"), fmt_num(fp.get("footprint_blocks_only.entropy"), "entropy"),
+               fmt_num(fp.get("footprint_blocks_only.delta_effective_rank"), "rank")]
+        for kind in ("blocks_only", "total"):
+            row.append(fmt_num(f.get(f"delta_fro_{kind}"), "norm"))
+            if ratios:
+                row.append(fmt_num(f.get(f"over_floor_{kind}"), "ratio"))
+        body.append(row)
+    head = [first, "pairs", "entropy (blocks only)", "mean Δ eff. rank (blocks only)", "‖Δ‖F blocks only"]
+    head += ["over floor (blocks only)", "‖Δ‖F total", "over floor (total)"] if ratios else ["‖Δ‖F total"]
+    return table(head, body)
+
+
 def noise_floor_md(results: Mapping[str, Any]) -> list[str]:
     """The seed-vs-seed floor per arm, the between-arms distances against it, and C2's effect sizes in seed sds."""
     floor = results.get("noise_floor") or {}
@@ -815,28 +833,12 @@ def noise_floor_md(results: Mapping[str, Any]) -> list[str]:
         lines += ["Two fine-tunes of one arm from one base with different seeds, diffed against each other: the "
                   "footprint of that seed-vs-seed delta (blocks only) and its Frobenius norm, mean over the pairs. "
                   "A difference between arms smaller than this is within what seeds alone produce.", ""]
-        body = []
-        for arm, f in per_arm.items():
-            fp = f.get("footprint") or {}
-            body.append([cell(arm), fmt_num(f.get("pairs"), "tokens"),
-                         fmt_num(fp.get("footprint_blocks_only.entropy"), "entropy"),
-                         fmt_num(fp.get("footprint_blocks_only.delta_effective_rank"), "rank"),
-                         fmt_num(f.get("delta_fro_blocks_only"), "norm"), fmt_num(f.get("delta_fro_total"), "norm")])
-        lines += table(["arm", "pairs", "entropy (blocks only)", "mean Δ eff. rank (blocks only)",
-                        "‖Δ‖F blocks only", "‖Δ‖F total"], body) + [""]
+        lines += _floor_table("arm", per_arm, ratios=False) + [""]
     if between:
-        lines += ["Same base and seed, different arm: how far apart two arms' fine-tunes are, and that distance over "
+        lines += ["Same base, different arm, on the floor's seed pairs (seed i of one arm against seed j of the other, "
+                  "so the seed differs on both sides): how far apart two arms' fine-tunes are, and that distance over "
                   "the mean seed-vs-seed distance of the two arms (1 = no further apart than two seeds).", ""]
-        body = []
-        for pair, f in between.items():
-            fp = f.get("footprint") or {}
-            body.append([cell(pair), fmt_num(f.get("pairs"), "tokens"),
-                         fmt_num(fp.get("footprint_blocks_only.entropy"), "entropy"),
-                         fmt_num(fp.get("footprint_blocks_only.delta_effective_rank"), "rank"),
-                         fmt_num(f.get("delta_fro_blocks_only"), "norm"), fmt_num(f.get("over_floor_blocks_only"), "ratio"),
-                         fmt_num(f.get("delta_fro_total"), "norm"), fmt_num(f.get("over_floor_total"), "ratio")])
-        lines += table(["arms", "pairs", "entropy (blocks only)", "mean Δ eff. rank (blocks only)",
-                        "‖Δ‖F blocks only", "over floor (blocks only)", "‖Δ‖F total", "over floor (total)"], body) + [""]
+        lines += _floor_table("arms", between, ratios=True) + [""]
     sized = [t for c in results.get("claims") or [] for t in c.get("tests") or [] if "seed_sd" in t]
     if sized:
         lines += ["Footprint tests in units of the seed-to-seed spread (pooled within-base sd over seeds of the two "
