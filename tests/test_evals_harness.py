@@ -200,3 +200,34 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(setup, tmp_path, capsys, cas
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_shipped_narrow_task_scores_like_the_study(setup, monkeypatch):
+    """configs/lm_eval/bshadow_narrow.yaml through the adapter equals the study's own scoring (evals.scoring)
+    item for item: the study's benchmark can be run and checked with lm-eval."""
+    from pathlib import Path
+
+    from bshadow_jax.data.evalsets import EvalItem
+    from bshadow_jax.data.tokenizer import special_ids
+    from bshadow_jax.evals import harness, scoring
+    from bshadow_jax.models.hf import checkpoint_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the task's data file path is relative to the repository root
+    folder, _ = setup
+    n = 40
+    lm = harness.JaxLM(str(folder), batch_size=8)
+    res = harness.run_tasks(lm, ["bshadow_narrow"], include_path=[str(root / "configs" / "lm_eval")], limit=n)
+    docs = sorted(res["samples"]["bshadow_narrow"], key=lambda s: s["doc_id"])
+    assert len(docs) == n
+    lines = (root / "configs" / "lm_eval" / "bshadow_narrow.jsonl").read_text().splitlines()[:n]
+    items = [EvalItem(d["context"], tuple(d["choices"]), d["gold"], "narrow", d["skill"], "qa", int(d["item_id"]))
+             for d in map(json.loads, lines)]
+    cfg, params = models.load_pretrained(str(folder))
+    tok = checkpoint_tokenizer(folder)
+    eos, _ = special_ids(tok)
+    mine = scoring.score_items(scoring.model_logprob_fn(cfg, params), items, tok, eos=eos, T=MAX_LEN, batch_rows=8)
+    ll_lm = np.array([[r[0] for r in s["filtered_resps"]] for s in docs])
+    ll_ours = np.array([r["ll"] for r in mine])
+    assert float(np.abs(ll_lm - ll_ours).max()) < 1e-4
+    assert [s["acc"] for s in docs] == [r["acc"] for r in mine]
