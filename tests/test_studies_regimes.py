@@ -267,3 +267,13 @@ def test_shipped_study_configs_validate():
     assert tm.data == {"arm": "custom", "sources": {"aligned": 1 - 0.25, "text": 0.25}}
     from bshadow_jax.data.config import DataConfig
     assert DataConfig().text_share == 0.25 and "text_share" not in cpu.finetune.get("data", {})
+
+
+def test_repetition_without_equivalence_margins_exits_2_before_compute(tmp_path, capsys):
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "repetition_cpu.yaml")))
+    del cfg["claims"]["equivalence_margins"]
+    out = tmp_path / "out"
+    rc = main(["experiment", "repetition", str(_write(tmp_path, cfg)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "equivalence_margins" in err
+    assert not out.exists()

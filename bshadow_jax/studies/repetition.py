@@ -1,12 +1,15 @@
 """`bshadow experiment repetition CONFIG --out DIR`: the prompt-repetition case study.
 
 The same recipe with and without prompt repetition (and with deduplication), plus the
-aligned/coverage reference arms so the regime score can place each variant. The claim
-tested (R1 in `studies.claims`): prompt repetition does not shift the regime, i.e. the
-footprint does not move even where the scores do.
+aligned/coverage reference arms so the regime score can place each variant. The claims
+tested (R1, R2 in `studies.claims`): prompt repetition (deduplication) does not shift the
+regime, an equivalence test (TOST) on the blocks-only footprint within the margins of
+`claims.equivalence_margins`.
 """
 from __future__ import annotations
 
+from bshadow_jax.errors import ConfigError
+from bshadow_jax.studies.claims import FOOTPRINT_TESTS
 from bshadow_jax.studies.runner import run_study
 from bshadow_jax.studies.spec import load_study_config
 from bshadow_jax.studies.summary import print_summary
@@ -16,6 +19,11 @@ TITLE = "Prompt-repetition case study: does a data artifact shift the regime?"
 
 def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     cfg = load_study_config(config_path, list(overrides))
+    # the no-shift claims are equivalence tests: their margins must be fixed before anything runs
+    absent = [m for m in FOOTPRINT_TESTS if m not in cfg.claims.equivalence_margins]
+    if absent:
+        raise ConfigError(f"claims.equivalence_margins: no margin for {', '.join(absent)} (the repetition study "
+                          "tests 'no shift' by TOST within margins fixed in the config before the run)")
     return run_study(cfg, out_dir, study="repetition", title=TITLE)
 
 
