@@ -24,7 +24,7 @@ import numpy as np
 from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
-from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens, make_train_dataset
+from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
 from bshadow_jax.diagnostics.footprint import NON_BLOCK_MODULES
@@ -197,15 +197,10 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
         d = diagnose(base.params, params, cfg)
         curve.append({"step": int(step), **seed_footprint(d.summary, d.rows)})
 
-    counter = TokenCounter(steps)
-
-    def dataset(local_batch: int):  # the loop's own single-process stream, counted as it is fed
-        return make_train_dataset(tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=local_batch,
-                                  seed=tcfg.seed).map(counter)
-
+    counter = TokenCounter(steps)  # counts the tokens the loop's own stream feeds, as it feeds them
     res = train(tcfg, udir / "run", init_params=base.params, tokenizer=base.tokenizer,
                 on_checkpoint=on_checkpoint if every else None, callback_every=every, progress=False,
-                dataset=dataset)
+                batch_map=counter)
     t_train = time.perf_counter() - t0
     d = diagnose(base.params, res.params, cfg)
     write_diagnose(d, udir / "diagnose", figures=cfg.diagnose.unit_figures)

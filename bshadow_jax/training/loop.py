@@ -267,6 +267,7 @@ def train(
     dataset: Callable[[int], Any] | None = None,
     async_checkpoints: bool = True,
     callback_every: int = 0,
+    batch_map: Callable[[dict], dict] | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in `out_dir`.
 
@@ -279,6 +280,8 @@ def train(
         callable(step, metrics_row) called on each logged step.
     dataset: callable(local_batch_size) -> grain IterDataset of batch dicts (host-local rows);
         default is the data pipeline for `cfg.data`.
+    batch_map: a function of each host-local batch dict, mapped onto the dataset (e.g. to observe what
+        the run is fed); it must return the batch unchanged for the run to stay the same run.
     """
     mesh_lib.maybe_initialize_distributed()
     run_dir = check_output_dir(out_dir).absolute()
@@ -313,6 +316,8 @@ def train(
         _save_tokenizer(tokenizer, run_dir)
     ds = dataset(local_batch) if dataset is not None else _default_dataset(
         cfg, tokenizer, local_batch, _local_rows(mesh, tc.batch_size) if jax.process_count() > 1 else None)
+    if batch_map is not None:
+        ds = ds.map(batch_map)
     data_iter = iter(ds)
     ckpt = RunCheckpointer(run_dir, keep=tc.keep_checkpoints, async_save=async_checkpoints)
     latest = ckpt.latest_step()
