@@ -68,10 +68,27 @@ class ClaimArms:
 
 @dataclasses.dataclass(frozen=True)
 class Analysis:
-    """The analysis plan's numbers: bootstrap replicates and seed."""
+    """The analysis plan, fixed before the run (the study config's `analysis` section)."""
 
-    n_boot: int = stats.N_BOOT
-    seed: int = 0
+    n_boot: int = stats.N_BOOT  # bootstrap replicates
+    seed: int = 0  # the bootstrap's seed
+    # disjoint seed pairs per (arm, base) whose delta W_i - W_j is diagnosed: the change no data
+    # difference explains (0 = no noise floor)
+    noise_floor_pairs: int = 2
+
+    def validate(self) -> None:
+        if self.n_boot < 100:
+            raise ConfigError("analysis.n_boot: must be >= 100")
+        if self.noise_floor_pairs < 0:
+            raise ConfigError("analysis.noise_floor_pairs: must be >= 0")
+
+
+def require_margins(roles: ClaimArms) -> None:
+    """The no-shift claims are equivalence tests: ConfigError unless every margin they use is fixed."""
+    absent = [m for m in FOOTPRINT_TESTS if m not in roles.equivalence_margins]
+    if absent:
+        raise ConfigError(f"claims.equivalence_margins: no margin for {', '.join(absent)} (the no-shift claims "
+                          "are TOST within margins fixed in the config before the run)")
 
 
 def _missing(arms: Mapping[str, ArmRuns], *names: str) -> list[str]:
@@ -116,7 +133,8 @@ def _describe(boot, arms, a: str, b: str, what: str, label: str) -> dict:
     """A difference reported with its interval and mde, not voted (no claimed direction)."""
     d, reps, ea, eb = _diff(boot, arms, a, b, what)
     ci = stats.interval(d, reps)
-    return {"comparison": f"{label}: {a} - {b}", "metric": _metric_name(what), "measure": what, "diff": ci["mean"],
+    return {"comparison": f"{label}: {a} - {b}", "metric": _metric_name(what), "measure": what, "a": a, "b": b,
+            "diff": ci["mean"],
             "lo": ci["lo"], "hi": ci["hi"], "se": ci["se"], "mde": None if ci["se"] is None else stats.MDE_FACTOR * ci["se"],
             "a_mean": ea, "b_mean": eb}
 
@@ -224,9 +242,7 @@ def claim_repetition(arms: Mapping[str, ArmRuns], roles: ClaimArms, plan: Analys
     miss = _missing(arms, treated, roles.plain)
     if miss:
         return _not_tested(cid, text, miss)
-    absent = [m for m in FOOTPRINT_TESTS if m not in roles.equivalence_margins]
-    if absent:
-        raise ConfigError(f"claims.equivalence_margins: no margin for {', '.join(absent)} (fix them before the run)")
+    require_margins(roles)
     names = [treated, roles.plain]
     refs = [r for r in (roles.coverage, roles.aligned) if not _missing(arms, r)]
     boot = _boot(arms, names + (refs if len(refs) == 2 else []), plan)

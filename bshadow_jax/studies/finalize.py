@@ -82,7 +82,7 @@ def power_table(claims: Sequence[Mapping[str, Any]]) -> list[dict]:
 def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, Any]]], *, study: str,
                   eval_sets, base_evals: Mapping[int, Mapping[str, Any]] | None = None,
                   floor: Mapping[str, Any] | None = None, wall_s: float | None = None) -> dict:
-    plan = cfg.analysis.plan()
+    plan = cfg.analysis
     meta = item_meta(eval_sets)
     runs = {name: ArmRuns(name, list(recs)) for name, recs in records.items() if recs}
     arms: dict[str, Any] = {}

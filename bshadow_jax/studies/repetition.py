@@ -8,8 +8,7 @@ regime, an equivalence test (TOST) on the blocks-only footprint within the margi
 """
 from __future__ import annotations
 
-from bshadow_jax.errors import ConfigError
-from bshadow_jax.studies.claims import FOOTPRINT_TESTS
+from bshadow_jax.studies import claims
 from bshadow_jax.studies.runner import run_study
 from bshadow_jax.studies.spec import load_study_config
 from bshadow_jax.studies.summary import print_summary
@@ -19,11 +18,7 @@ TITLE = "Prompt-repetition case study: does a data artifact shift the regime?"
 
 def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     cfg = load_study_config(config_path, list(overrides))
-    # the no-shift claims are equivalence tests: their margins must be fixed before anything runs
-    absent = [m for m in FOOTPRINT_TESTS if m not in cfg.claims.equivalence_margins]
-    if absent:
-        raise ConfigError(f"claims.equivalence_margins: no margin for {', '.join(absent)} (the repetition study "
-                          "tests 'no shift' by TOST within margins fixed in the config before the run)")
+    claims.require_margins(cfg.claims)  # before anything runs
     return run_study(cfg, out_dir, study="repetition", title=TITLE)
 
 

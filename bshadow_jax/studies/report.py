@@ -478,20 +478,11 @@ def finding_line(c: Mapping[str, Any]) -> str:
     return f"{head} {n_held} of {len(tests)} tests held: " + "; ".join(_test_phrase(t) for t in tests) + "."
 
 
-def _arms_of(t: Mapping[str, Any]) -> tuple[str, str]:
-    """(a, b) of a test: its own fields, else the "... : A - B" end of its comparison."""
-    if t.get("a") and t.get("b"):
-        return str(t["a"]), str(t["b"])
-    ab = str(t.get("comparison", "")).rsplit(": ", 1)[-1].split(" - ")
-    return (ab[0], ab[1]) if len(ab) == 2 else ("a", "b")
-
-
 def _extra(t: Mapping[str, Any]) -> str:
     kind = metric_kind(t.get("metric"))
     parts = []
     if _finite(t.get("a_mean")) and _finite(t.get("b_mean")):
-        a, b = _arms_of(t)
-        parts.append(f"{cell(a)} {fmt_num(t['a_mean'], kind)} vs {cell(b)} {fmt_num(t['b_mean'], kind)}")
+        parts.append(f"{cell(t['a'])} {fmt_num(t['a_mean'], kind)} vs {cell(t['b'])} {fmt_num(t['b_mean'], kind)}")
     if "data_effect" in t:
         parts.append(f"data effect {fmt_num(t.get('data_effect'), kind, signed=True)}, setting effect "
                      f"{fmt_num(t.get('setting_effect'), kind, signed=True)}")

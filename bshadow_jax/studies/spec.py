@@ -140,26 +140,6 @@ class RegimeScoreSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class AnalysisSpec:
-    """The analysis plan, fixed before the run: bootstrap size and seed, and the seed noise floor."""
-
-    n_boot: int = 2000
-    seed: int = 0
-    # disjoint seed pairs per (arm, base) whose delta W_i - W_j is diagnosed: the change no data
-    # difference explains (0 = no noise floor)
-    noise_floor_pairs: int = 2
-
-    def validate(self) -> None:
-        if self.n_boot < 100:
-            raise ConfigError("analysis.n_boot: must be >= 100")
-        if self.noise_floor_pairs < 0:
-            raise ConfigError("analysis.noise_floor_pairs: must be >= 0")
-
-    def plan(self) -> Analysis:
-        return Analysis(n_boot=self.n_boot, seed=self.seed)
-
-
-@dataclasses.dataclass(frozen=True)
 class StudyConfig:
     arms: list[ArmSpec]
     finetune: dict[str, Any]          # a TrainConfig mapping without `model` (the base's model is used)
@@ -168,7 +148,7 @@ class StudyConfig:
     evals: EvalSpec = dataclasses.field(default_factory=EvalSpec)
     diagnose: DiagnoseSpec = dataclasses.field(default_factory=DiagnoseSpec)
     claims: ClaimArms = dataclasses.field(default_factory=ClaimArms)
-    analysis: AnalysisSpec = dataclasses.field(default_factory=AnalysisSpec)
+    analysis: Analysis = dataclasses.field(default_factory=Analysis)
     regime_score: RegimeScoreSpec = dataclasses.field(default_factory=RegimeScoreSpec)
     description: str = ""
     # run only these arms (e.g. `only_arms=[benchmark_aligned,coverage_expanding]` for a quick look); [] = all
