@@ -11,6 +11,9 @@ import dataclasses
 
 import numpy as np
 
+from bshadow_jax.data.evalsets import EvalSets
+from bshadow_jax.studies.evalsuite import EvalSuite
+
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NARROW_SKILLS = ("sorting", "counting")
 BROAD_CATEGORIES = ("other_skills", "compositional")
@@ -24,19 +27,16 @@ class FakeItem:
     item_id: int
     options: tuple[str, ...] = ("a", "b", "c", "d")
 
-
-@dataclasses.dataclass(frozen=True)
-class FakeEvalSets:
-    narrow: tuple
-    broad: tuple
-    text: tuple
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.options)
 
 
-def fake_eval_sets(n_narrow: int = 40, n_broad: int = 40, n_text: int = 6) -> FakeEvalSets:
+def fake_eval_sets(n_narrow: int = 40, n_broad: int = 40, n_text: int = 6) -> EvalSuite:
     narrow = tuple(FakeItem("narrow", NARROW_SKILLS[i % 2], "qa", 1000 + i) for i in range(n_narrow))
     broad = tuple(FakeItem(BROAD_CATEGORIES[i % 2], f"fam{i % 4}", ("qa", "cloze")[i % 2], 5000 + i)
                   for i in range(n_broad))
-    return FakeEvalSets(narrow, broad, tuple(f"passage number {i}" for i in range(n_text)))
+    return EvalSuite(EvalSets(narrow, broad, tuple(f"passage number {i}" for i in range(n_text)), {}), {}, {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _items(rng, n, p, noise):
             "margin": margin.tolist()}
 
 
-def run_record(arm: str, base: int, seed: int, truth: ArmTruth, es: FakeEvalSets, *, rng,
+def run_record(arm: str, base: int, seed: int, truth: ArmTruth, es: EvalSuite, *, rng,
                footprint_noise: float = 0.01) -> dict:
     n_mat = 2 * len(MODULES) + 2
     ent = truth.entropy + rng.normal(0, footprint_noise)
@@ -98,7 +98,7 @@ def run_record(arm: str, base: int, seed: int, truth: ArmTruth, es: FakeEvalSets
 
 
 def synthetic_study(truths: dict[str, ArmTruth], *, bases=(0, 1), seeds=(0, 1, 2), seed: int = 0,
-                    es: FakeEvalSets | None = None, footprint_noise: float = 0.01):
+                    es: EvalSuite | None = None, footprint_noise: float = 0.01):
     """(records by arm, base evals by base, eval sets) for arms with the given true effects."""
     rng = np.random.default_rng(seed)
     es = es or fake_eval_sets()

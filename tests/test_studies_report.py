@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from studykit import ArmTruth, FakeEvalSets, fake_eval_sets, synthetic_study
+from bshadow_jax.studies.evalsuite import EvalSuite
+from studykit import ArmTruth, fake_eval_sets, synthetic_study
 from testkit import FigureRecorder, check_png_figure, read_png
 
 from bshadow_jax.studies import finalize, report
@@ -36,10 +37,11 @@ FLOOR = {"arms": {"benchmark_aligned": {"pairs": 3, "footprint": {"footprint_blo
              "over_floor_total": 2.0}}}
 
 
-def _eval_sets() -> FakeEvalSets:
+def _eval_sets() -> EvalSuite:
     """Narrow items with 4 options (chance 0.25), broad items with 2 (chance 0.5): the chance levels differ."""
     es = fake_eval_sets(n_narrow=40, n_broad=40, n_text=6)
-    return dataclasses.replace(es, broad=tuple(dataclasses.replace(it, options=("a", "b")) for it in es.broad))
+    world = dataclasses.replace(es.world, broad=tuple(dataclasses.replace(it, options=("a", "b")) for it in es.world.broad))
+    return dataclasses.replace(es, world=world)
 
 
 def _build(truths, *, study="regimes", cfg=None, floor=None, seed=0):

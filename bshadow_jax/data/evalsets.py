@@ -49,6 +49,11 @@ class EvalItem:
         """The skill the item tests (its world family; items.csv calls it `skill`)."""
         return self.family
 
+    @property
+    def chance(self) -> float:
+        """Accuracy of guessing uniformly among the item's options."""
+        return 1.0 / len(self.options)
+
 
 def chance_level(item: EvalItem) -> float:
     """Accuracy of guessing uniformly among the item's options.
@@ -59,7 +64,7 @@ def chance_level(item: EvalItem) -> float:
     Returns:
         1 / number of options.
     """
-    return 1.0 / len(item.options)
+    return item.chance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +199,7 @@ def build_eval_sets(data_cfg: DataConfig | None = None, *, n_narrow_per_skill: i
             "eval_fraction": frac, "broad_formats": list(fmts), "n_narrow": len(narrow), "n_broad": len(broad),
             "n_narrow_by_skill": narrow_by_skill, "n_broad_by_category": by_category}
     if n_text > 0:
-        corpus = text_corpus(cfg.text_source)
+        corpus = text_corpus(cfg.text_key)
         text = tuple(sorted(corpus.heldout, key=decontam.text_id)[:n_text])
         meta["text"] = corpus.name
     meta["n_text"] = len(text)

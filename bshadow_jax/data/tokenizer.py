@@ -90,13 +90,13 @@ def get_tokenizer(data_cfg: DataConfig | None = None):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    corpus = text_corpus(data_cfg.text_source)
+    corpus = text_corpus(data_cfg.text_key)
     texts = training_corpus(corpus.train)
     # keyed by the training texts themselves: a change to the skill world, the text split or
     # decontamination trains a new tokenizer instead of reusing one trained on other data
     digest = hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
     key = config_hash({"v": TOKENIZER_VERSION, "vocab": data_cfg.vocab_size, "texts": digest})
-    folder = cache_root() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name}-{key}"
+    folder = cache_root() / "tokenizers" / f"bpe{data_cfg.vocab_size}-{corpus.name.replace('/', '_')}-{key}"
     if (folder / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)

@@ -114,6 +114,31 @@ class JaxLM(TemplateLM):
                  max_length: int | str | None = None, add_bos_token: bool | str = True, dtype: str = "float32",
                  max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, **kwargs: Any) -> None:
         super().__init__()
+        self._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks, **kwargs)
+        self.pretrained = os.fspath(pretrained)
+        cfg, params = models.load_pretrained(self.pretrained)
+        self._set_model(cfg, params, models.checkpoint_tokenizer(self.pretrained))
+
+    @classmethod
+    def from_model(cls, cfg, params, tokenizer, *, name: str = "in-memory", batch_size: int = DEFAULT_BATCH_SIZE,
+                   max_length: int | None = None, add_bos_token: bool = True, dtype: str = "float32",
+                   max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> "JaxLM":
+        """The adapter on a model already in memory (a study scores every fine-tune without writing it out).
+
+        Args:
+            cfg, params: the model (`models.load_pretrained`'s pair).
+            tokenizer: its Hugging Face tokenizer.
+            name: what results' "config" calls the model.
+            batch_size, max_length, add_bos_token, dtype, max_gen_toks: as for the constructor.
+        """
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks)
+        lm.pretrained = name
+        lm._set_model(cfg, params, tokenizer)
+        return lm
+
+    def _set_options(self, batch_size, max_length, add_bos_token, dtype, max_gen_toks, **kwargs) -> None:
         unknown = set(kwargs) - {"device", "max_batch_size"}
         if unknown:
             raise UserError(f"{MODEL_NAME} model: unknown option(s) {', '.join(sorted(unknown))}")
@@ -124,16 +149,15 @@ class JaxLM(TemplateLM):
         self.add_bos_token = _as_bool(add_bos_token, "add_bos_token")
         self._batch_size = _positive_int(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, "batch_size")
         self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
-        if max_length is not None:
-            max_length = _positive_int(max_length, "max_length")
-        self.pretrained = os.fspath(pretrained)
-        self.cfg, params = models.load_pretrained(self.pretrained)
-        self.tokenizer = models.checkpoint_tokenizer(self.pretrained)
+        self._max_length_option = _positive_int(max_length, "max_length") if max_length is not None else None
+
+    def _set_model(self, cfg, params, tokenizer) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise UserError(f"{self.pretrained}: the tokenizer has neither an eos nor a bos token "
                             "to start contexts with")
         self.params = jax.device_put(params)
-        self._max_length = max_length or self.cfg.max_position_embeddings
+        self._max_length = self._max_length_option or self.cfg.max_position_embeddings
 
     # ------------------------------------------------------------------ lm-eval's model interface
 
@@ -412,7 +436,7 @@ def task_manager(task_names: Sequence[str], include_path: Sequence[str | os.Path
 
 def run_tasks(lm: JaxLM, task_names: Sequence[str], *, include_path: Sequence[str | os.PathLike] = (),
               limit: float | None = None, num_fewshot: int | None = None, log_samples: bool = True,
-              tm=None) -> dict:
+              tm=None, bootstrap_iters: int = 100000) -> dict:
     """Evaluate `lm` on lm-eval tasks with `lm_eval.simple_evaluate`.
 
     Args:
@@ -423,6 +447,7 @@ def run_tasks(lm: JaxLM, task_names: Sequence[str], *, include_path: Sequence[st
         num_fewshot: few-shot examples per prompt (default: each task's own).
         log_samples: keep per-document records under "samples".
         tm: a TaskManager from `task_manager` (made here when None).
+        bootstrap_iters: lm-eval's own stderr bootstrap (0 = none; a study bootstraps items itself).
 
     Returns:
         simple_evaluate's results dict: "results", "configs", "versions", "n-shot", "config", ... and
@@ -433,4 +458,80 @@ def run_tasks(lm: JaxLM, task_names: Sequence[str], *, include_path: Sequence[st
     tm = tm or task_manager(task_names, include_path)
     return lm_eval.simple_evaluate(model=lm, tasks=list(task_names), task_manager=tm, limit=limit,
                                    num_fewshot=num_fewshot, log_samples=log_samples,
-                                   batch_size=lm.batch_size)
+                                   batch_size=lm.batch_size, bootstrap_iters=bootstrap_iters)
+
+
+# ------------------------------------------------------------------------------------- per-item records
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkItem:
+    """One document of an lm-eval task, as a study's item catalog lists it (see `benchmark_items`)."""
+    task: str
+    doc_id: int
+    output_type: str
+    n_choices: int  # 0 for generation tasks
+
+    @property
+    def chance(self) -> float:
+        """Accuracy by guessing: 1 / choices for multiple choice; 0 for generated answers."""
+        return 1.0 / self.n_choices if self.n_choices else 0.0
+
+
+_ITEM_TYPES = ("multiple_choice", "generate_until")
+
+
+def benchmark_items(task_names: Sequence[str], tm, *, limit: int | None = None) -> dict[str, list[BenchmarkItem]]:
+    """The documents lm-eval will score for each task (its eval split, the first `limit`), in doc_id order.
+
+    Raises:
+        UserError: for a group name (list its tasks instead) or a task that is not multiple choice or
+            generation (a perplexity task has no per-item accuracy).
+    """
+    from lm_eval.tasks import get_task_dict
+
+    tasks = get_task_dict(list(task_names), tm)
+    out: dict[str, list[BenchmarkItem]] = {}
+    for name in task_names:
+        task = tasks.get(name)
+        if task is None or isinstance(task, dict):
+            raise UserError(f"lm-eval task {name!r}: a group, not a task; list its tasks by name")
+        kind = task.OUTPUT_TYPE
+        if kind not in _ITEM_TYPES:
+            raise UserError(f"lm-eval task {name!r}: output type {kind!r} has no per-item accuracy "
+                            f"(items need one of {', '.join(_ITEM_TYPES)})")
+        docs = list(task.eval_docs)
+        docs = docs[: int(limit)] if limit else docs
+        out[name] = [BenchmarkItem(name, i, kind, len(task.doc_to_choice(d)) if kind == "multiple_choice" else 0)
+                     for i, d in enumerate(docs)]
+    return out
+
+
+def item_rows(results: dict, task: str, *, metric: str | None = None) -> dict[str, list]:
+    """One task's per-document scores from `run_tasks(..., log_samples=True)`, in doc_id order.
+
+    Multiple choice: correct = acc, gold_logprob = the gold option's log-likelihood, margin = gold minus
+    the best wrong option. Generation: correct = the task's first metric under its first filter (e.g.
+    exact_match, strict-match for gsm8k); gold_logprob and margin are NaN (nothing is scored as options).
+
+    Returns:
+        parallel lists {"item_id", "correct", "gold_logprob", "margin"}.
+    """
+    samples = results["samples"][task]
+    filters = list(dict.fromkeys(s.get("filter", "none") for s in samples))
+    chosen = [s for s in samples if s.get("filter", "none") == filters[0]]
+    chosen.sort(key=lambda s: s["doc_id"])
+    out: dict[str, list] = {"item_id": [], "correct": [], "gold_logprob": [], "margin": []}
+    for s in chosen:
+        out["item_id"].append(int(s["doc_id"]))
+        if "acc" in s and metric in (None, "acc"):  # multiple choice: [(ll, is_greedy)] per option
+            lls = np.asarray([float(r[0]) for r in s["filtered_resps"]])
+            gold = int(s["target"])
+            out["correct"].append(int(round(float(s["acc"]))))
+            out["gold_logprob"].append(float(lls[gold]))
+            out["margin"].append(float(lls[gold] - np.max(np.delete(lls, gold))) if lls.size > 1 else float("nan"))
+        else:
+            name = metric or next(m for m in s["metrics"] if m in s)
+            out["correct"].append(int(round(float(s[name]))))
+            out["gold_logprob"].append(float("nan"))
+            out["margin"].append(float("nan"))
+    return out

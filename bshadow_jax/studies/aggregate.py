@@ -111,6 +111,15 @@ class ArmRuns:
         tok = {b: np.asarray([r["passages"]["tokens"] for r in rs], np.float64) for b, rs in sel.items()}
         return nll, tok
 
+    def finite_columns(self, section: str, column: str) -> np.ndarray:
+        """The item columns with a number in every run: a generated-answer task (lm-eval generate_until)
+        has accuracy but no option margin, so its items drop out of the margin measures."""
+        vals = [np.asarray(r["items"][section][column], np.float64) for r in self.records
+                if ((r.get("items") or {}).get(section) or {}).get(column)]
+        if not vals:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.all(np.isfinite(np.stack(vals)), axis=0))
+
     def run_level(self, path: str, bases: Sequence[int] | None = None) -> stats.Values:
         return {b: np.asarray([_run_level(r, path) for r in rs], np.float64)
                 for b, rs in self.by_base().items() if bases is None or b in bases}
@@ -120,7 +129,7 @@ class ArmRuns:
             return False
         r = self.records[0]
         if what in ITEM_MEASURES:
-            return bool((r.get("items") or {}).get(ITEM_MEASURES[what][0], {}).get(ITEM_MEASURES[what][1]))
+            return bool(self.finite_columns(*ITEM_MEASURES[what]).size)
         if what == LOG_PPL:
             return bool((r.get("passages") or {}).get("tokens"))
         return math.isfinite(_run_level(r, what))
@@ -138,6 +147,9 @@ def measure(arm: ArmRuns, what: str, boot: stats.Bootstrap | None = None, *,
     if what in ITEM_MEASURES:
         section, column = ITEM_MEASURES[what]
         vals = arm.items(section, column, bases)
+        finite = arm.finite_columns(section, column)
+        if finite.size < next(iter(vals.values())).shape[1]:
+            cols = finite if cols is None else np.intersect1d(cols, finite)
         est = stats.point(vals, cols=cols)
         reps = boot.mean(arm.name, vals, items=section, cols=cols) if boot is not None else None
     elif what == LOG_PPL:
@@ -154,7 +166,8 @@ def measure(arm: ArmRuns, what: str, boot: stats.Bootstrap | None = None, *,
 def run_values(arm: ArmRuns, what: str) -> list[float]:
     """Each run's own value of `what` (bases in order, then seeds)."""
     if what in ITEM_MEASURES:
-        return stats.run_values(arm.items(*ITEM_MEASURES[what]))
+        finite = arm.finite_columns(*ITEM_MEASURES[what])
+        return stats.run_values({b: v[:, finite] for b, v in arm.items(*ITEM_MEASURES[what]).items()})
     if what == LOG_PPL:
         nll, tok = arm.passages()
         return stats.run_values(nll, denom=tok)

@@ -11,6 +11,7 @@ import numpy as np
 from bshadow_jax.config import to_dict
 from bshadow_jax.data import decontam
 from bshadow_jax.data.text import text_corpus
+from bshadow_jax.errors import UserError
 from bshadow_jax.fileio import atomic_write_json, atomic_write_text
 from bshadow_jax.studies import regime_score, stats
 from bshadow_jax.studies.aggregate import ArmRuns, arm_entry, measure
@@ -35,12 +36,12 @@ PASSAGE_COLUMNS = ("arm", "base", "seed", "passage", "tokens", "logprob")
 BASE_ARM = "base"  # items.csv's label for the bases before fine-tuning (seed left empty)
 
 
-def item_meta(eval_sets) -> dict[str, dict[str, list]]:
+def item_meta(suite) -> dict[str, dict[str, list]]:
     """Per item set, the parallel lists of what every run's items are (their order in the records)."""
-    return {sec: {"category": [it.category for it in items], "skill": [it.family for it in items],
+    return {sec: {"category": [it.category for it in items], "skill": [it.skill for it in items],
                   "format": [it.format for it in items], "item_id": [int(it.item_id) for it in items],
-                  "chance": [1.0 / len(it.options) for it in items]}
-            for sec, items in (("narrow", eval_sets.narrow), ("broad", eval_sets.broad))}
+                  "chance": [float(it.chance) for it in items]}
+            for sec, items in ((sec, suite.catalog(sec)) for sec in ("narrow", "broad"))}
 
 
 def _base_runs(base_evals: Mapping[int, Mapping[str, Any]]) -> ArmRuns:
@@ -156,14 +157,14 @@ def passages_csv(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals:
 
 
 def _general_text_used(cfg: StudyConfig) -> dict:
-    """Which general text the fine-tunes really got (Shakespeare, or the procedural fallback)."""
-    data = cfg.finetune.get("data") if isinstance(cfg.finetune, Mapping) else None
-    source = (data or {}).get("text_source", "auto")
+    """Which general text the fine-tunes really got (Shakespeare, the procedural fallback, or a dataset)."""
+    key = cfg.arm_config(cfg.active_arms()[0], cfg.seeds[0]).data.text_key
+    requested = key if isinstance(key, str) else to_dict(key)
     try:
-        corpus = text_corpus(source)
-    except (ValueError, OSError) as e:  # a report must not fail over a provenance note
-        return {"requested": source, "error": str(e)}
-    return {"requested": source, "used": corpus.name, **corpus.metadata}
+        corpus = text_corpus(key)
+    except (ValueError, OSError, UserError) as e:  # a report must not fail over a provenance note
+        return {"requested": requested, "error": str(e)}
+    return {"requested": requested, "used": corpus.name, **corpus.metadata}
 
 
 def _regime(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:

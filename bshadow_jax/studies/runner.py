@@ -23,19 +23,19 @@ import numpy as np
 
 from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
-from bshadow_jax.data.evalsets import build_eval_sets as _build_eval_sets
 from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
 from bshadow_jax.diagnostics.footprint import NON_BLOCK_MODULES
 from bshadow_jax.errors import UserError
-from bshadow_jax.evals import evaluate as _evaluate
 from bshadow_jax.fileio import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, safe_join
 from bshadow_jax.models import load_pretrained
 from bshadow_jax.studies import finalize as fin
 from bshadow_jax.training.config import TrainConfig
 from bshadow_jax.training.loop import train
 from bshadow_jax.studies.aggregate import footprint_variants, seed_footprint
+from bshadow_jax.studies.evalsuite import EvalSuite, build_suite
+from bshadow_jax.studies.evalsuite import evaluate as suite_evaluate
 from bshadow_jax.studies.spec import ArmSpec, StudyConfig
 
 RECORD = "record.json"
@@ -59,25 +59,14 @@ def get_tokenizer(data_cfg):
     return _get_tokenizer(data_cfg)
 
 
-def build_eval_sets(cfg: StudyConfig, data_cfg, tokenizer):
+def build_eval_sets(cfg: StudyConfig, data_cfg, tokenizer) -> EvalSuite:
     del tokenizer  # the eval sets are text; scoring tokenizes
-    return _build_eval_sets(data_cfg, **cfg.evals.options)
+    return build_suite(cfg.evals, data_cfg)
 
 
-_KEEP = {"narrow": ("score", "margin", "by_category", "by_category_margin", "acc_norm", "exact_match"),
-         "broad": ("score", "margin", "by_category", "by_category_margin")}
-
-
-def evaluate(model_cfg, params, tokenizer, eval_sets, evals_spec) -> dict:
+def evaluate(model_cfg, params, tokenizer, suite: EvalSuite, evals_spec) -> dict:
     """One model's scores, with every scored item and held-out passage (the statistics resample them)."""
-    raw = _evaluate(model_cfg, params, tokenizer, eval_sets, batch_size=evals_spec.batch_size,
-                    seq_len=evals_spec.seq_len)
-    out = {sec: {k: raw[sec][k] for k in keep if k in raw.get(sec, {})} for sec, keep in _KEEP.items()}
-    ppl = raw.get("perplexity")
-    out["perplexity"] = dict(ppl) if isinstance(ppl, Mapping) else {"value": ppl}
-    out["items"] = raw["items"]
-    out["passages"] = raw["passages"]
-    return _plain(out)
+    return _plain(suite_evaluate(suite, model_cfg, params, tokenizer, evals_spec))
 
 
 def diagnose(base_params, tuned_params, cfg: StudyConfig):

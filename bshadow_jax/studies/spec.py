@@ -93,16 +93,42 @@ class BaseSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LmEvalSpec:
+    """lm-evaluation-harness tasks scored on every model (studies.evalsuite): the narrow section's tasks
+    are the benchmark's skills, each broad task is a broad category; every document is an item."""
+    narrow: list[str] = dataclasses.field(default_factory=list)   # e.g. [gsm8k]
+    broad: list[str] = dataclasses.field(default_factory=list)    # e.g. [arc_easy, piqa, sciq]
+    include_path: list[str] = dataclasses.field(default_factory=list)  # folders of extra task YAML files
+    limit: int = 0                   # the first N documents of each task (0 = all)
+    num_fewshot: int | None = None   # None = each task's own
+    batch_size: int = 16
+    add_bos_token: bool = True       # the start token in front of every context (docs/cli.md#start-token)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_gen_toks: int = 256          # generation limit for tasks that set none
+
+    def validate(self) -> None:
+        if self.limit < 0 or self.batch_size < 1 or self.max_gen_toks < 1:
+            raise ConfigError("evals.lm_eval: limit must be >= 0, batch_size and max_gen_toks >= 1")
+        both = set(self.narrow) & set(self.broad)
+        if both:
+            raise ConfigError(f"evals.lm_eval: task {sorted(both)[0]!r} is in both narrow and broad")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSpec:
     batch_size: int = 32     # packed rows per forward pass
     seq_len: int = 128       # packed row length
     # passed to data.evalsets.build_eval_sets as keyword arguments (e.g. n_narrow_per_skill: 48,
     # broad_formats: [qa, cloze])
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    world: bool = True       # the procedural world's narrow and broad items (off: lm-eval tasks only)
+    lm_eval: LmEvalSpec = dataclasses.field(default_factory=LmEvalSpec)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("evals: batch_size must be >= 1 and seq_len >= 8")
+        if not self.world and not self.lm_eval.narrow:
+            raise ConfigError("evals.world: false needs evals.lm_eval.narrow (some narrow benchmark to score)")
         known = [n for n, p in inspect.signature(build_eval_sets).parameters.items() if p.kind == p.KEYWORD_ONLY]
         for k in self.options:
             if k not in known:
