@@ -215,13 +215,16 @@ def arm_entry(arm: ArmRuns, item_meta: Mapping[str, Mapping[str, Sequence[Any]]]
             continue
         meta = item_meta[section]
         groups = np.asarray(meta[group])
-        sec: dict[str, Any] = {"score": _ci(arm, f"{section}.acc", boot), "margin": _ci(arm, f"{section}.margin", boot),
+        margin = arm.finite_columns(section, "margin")
+        sec: dict[str, Any] = {"score": _ci(arm, f"{section}.acc", boot),
+                               "margin": _ci(arm, f"{section}.margin", boot) if margin.size else None,
                                "chance": float(np.mean(meta["chance"])), "n_items": int(groups.size),
                                "by_category": {}, "by_category_margin": {}, "chance_by_category": {}}
         for g in sorted(set(groups.tolist())):
             cols = np.flatnonzero(groups == g)
             sec["by_category"][g] = _ci(arm, f"{section}.acc", boot, cols=cols)
-            sec["by_category_margin"][g] = _ci(arm, f"{section}.margin", boot, cols=cols)
+            if np.intersect1d(cols, margin).size:  # a generated-answer task has no margin
+                sec["by_category_margin"][g] = _ci(arm, f"{section}.margin", boot, cols=cols)
             sec["chance_by_category"][g] = float(np.mean(np.asarray(meta["chance"])[cols]))
         entry[section] = sec
     if arm.has(LOG_PPL):

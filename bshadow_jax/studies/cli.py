@@ -29,15 +29,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         e.add_argument("config", help=f"study config, e.g. {example}")
         e.add_argument("--out", required=True, help=out_help)
         e.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        if name in _REHEARSABLE:
+            e.add_argument("--rehearse", action="store_true",
+                           help="run this config as written at toy size on this machine, offline: every hub model, "
+                                "tokenizer, dataset and lm-eval task is replaced by a local stand-in in the same "
+                                "format (named in the report); tests an accelerator config before it is launched")
         distributed.add_args(e)
-        e.set_defaults(handler=_make_handler(module))
+        e.set_defaults(handler=_make_handler(module, rehearsable=name in _REHEARSABLE))
 
 
-def _make_handler(module: str):
+_REHEARSABLE = ("regimes", "repetition")
+
+
+def _make_handler(module: str, *, rehearsable: bool):
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
+        kw = {"rehearse": args.rehearse} if rehearsable else {}
         return distributed.run(args, lambda: importlib.import_module(module).run_cli(args.config, args.out,
-                                                                                     args.overrides))
+                                                                                     args.overrides, **kw))
 
     return handler

@@ -82,7 +82,8 @@ def power_table(claims: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, Any]]], *, study: str,
                   eval_sets, base_evals: Mapping[int, Mapping[str, Any]] | None = None,
-                  floor: Mapping[str, Any] | None = None, wall_s: float | None = None) -> dict:
+                  floor: Mapping[str, Any] | None = None, wall_s: float | None = None,
+                  rehearsal: Mapping[str, Any] | None = None) -> dict:
     plan = cfg.analysis
     meta = item_meta(eval_sets)
     runs = {name: ArmRuns(name, list(recs)) for name, recs in records.items() if recs}
@@ -92,6 +93,10 @@ def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, 
             continue
         entry = arm_entry(runs[arm.name], meta, n_boot=plan.n_boot, seed=plan.seed)
         entry["description"] = arm_note(arm)
+        first = min(runs[arm.name].records, key=lambda r: (r["base"], r["seed"]))
+        if first.get("data_budget"):
+            entry["data"] = {**first["data_budget"], "intended_repeats": list(arm.intended_repeats),
+                             "of_run": {"base": first["base"], "seed": first["seed"]}}
         label = arm.label()
         if label is not None:
             entry["coverage_fraction"] = label
@@ -99,12 +104,17 @@ def build_results(cfg: StudyConfig, records: Mapping[str, Sequence[Mapping[str, 
     floor = dict(floor or {})
     claims = evaluate_claims(runs, cfg.claims, study=study, plan=plan, floor=floor.get("arms"))
     results: dict[str, Any] = {"study": study, "arms": arms, "claims": claims, "power": power_table(claims)}
+    if rehearsal:
+        results["rehearsal"] = dict(rehearsal)
     if cfg.description:
         results["description"] = cfg.description
     if base_evals:
         results["base"] = base_summary(base_evals, meta, plan)
     results["chance"] = {sec: float(np.mean(m["chance"])) for sec, m in meta.items()}
     results["eval_items"] = {sec: len(m["item_id"]) for sec, m in meta.items()} | {"text_passages": len(eval_sets.text)}
+    if getattr(eval_sets, "tasks", None):
+        results["eval_items"]["lm_eval"] = {sec: {t: len(eval_sets.bench[t]) for t in ts}
+                                            for sec, ts in eval_sets.tasks.items()}
     results["noise_floor"] = floor
     if cfg.regime_score.enabled:
         results["regime_score"] = _regime(cfg, records)
@@ -134,6 +144,11 @@ def _models(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Mapp
         yield from ((arm, int(r["base"]), int(r["seed"]), r) for r in sorted(recs, key=lambda r: (r["base"], r["seed"])))
 
 
+def _number(v: Any) -> str:
+    """A float cell; empty where there is none (a generated answer has no option log-likelihoods)."""
+    return "" if v is None or not np.isfinite(float(v)) else repr(float(v))
+
+
 def items_csv(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Mapping[int, Mapping[str, Any]],
               meta) -> str:
     """items.csv: one row per scored eval item per fine-tune (and per base, arm "base", seed empty)."""
@@ -143,7 +158,7 @@ def items_csv(records: Mapping[str, Sequence[Mapping[str, Any]]], base_evals: Ma
                 m, it = meta[sec], rec["items"][sec]
                 for k in range(len(m["item_id"])):
                     yield (arm, base, seed, m["category"][k], m["skill"][k], m["format"][k], m["item_id"][k],
-                           int(it["correct"][k]), repr(float(it["gold_logprob"][k])), repr(float(it["margin"][k])))
+                           int(it["correct"][k]), _number(it["gold_logprob"][k]), _number(it["margin"][k]))
     return _csv(ITEM_COLUMNS, rows())
 
 

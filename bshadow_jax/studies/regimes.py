@@ -10,18 +10,21 @@ minimal detectable effects, and the regime score. See `studies.runner` for the f
 from __future__ import annotations
 
 from bshadow_jax.studies.runner import run_study
-from bshadow_jax.studies.spec import load_study_config
+from bshadow_jax.studies.rehearsal import load_study
 from bshadow_jax.studies.summary import print_summary
 
 TITLE = "Regimes study: benchmark-aligned vs coverage-expanding fine-tuning"
 
 
-def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    cfg = load_study_config(config_path, list(overrides))  # ConfigError (exit 2) before any compute
-    return run_study(cfg, out_dir, study="regimes", title=TITLE)
+def run(config_path: str, out_dir: str, overrides: list[str] | tuple[str, ...] = (), *,
+        rehearse: bool = False) -> dict:
+    # ConfigError (exit 2) before any compute; a rehearsal swaps hub resources for local stand-ins
+    cfg, rehearsal = load_study(config_path, overrides, out_dir, rehearse=rehearse)
+    return run_study(cfg, out_dir, study="regimes", title=("Rehearsal: " if rehearse else "") + TITLE,
+                     rehearsal=rehearsal)
 
 
-def run_cli(config_path: str, out_dir: str, overrides: list[str]) -> int:
-    results = run(config_path, out_dir, overrides)
+def run_cli(config_path: str, out_dir: str, overrides: list[str], *, rehearse: bool = False) -> int:
+    results = run(config_path, out_dir, overrides, rehearse=rehearse)
     print_summary(results, out_dir)
     return 0

@@ -429,7 +429,7 @@ def design_md(results: Mapping[str, Any], arm_notes: Mapping[str, str] | None = 
         items.append(f"{ev['text_passages']} held-out text passages (perplexity)")
     if items:
         lines += ["Eval sets, the same for every run: " + "; ".join(items) + ". Chance is the mean over items "
-                  "of 1 / number of options.", ""]
+                  "of 1 / number of options (0 for a generated answer, scored by exact match).", ""]
     lines += [f"Intervals: 95% percentile intervals of a hierarchical bootstrap over bases, seeds and items "
               f"(n_boot = {n_boot if n_boot is not None else NA}); bases are drawn once for every arm "
               "(comparisons are paired on bases), items once per eval set (paired on items). "
@@ -438,9 +438,62 @@ def design_md(results: Mapping[str, Any], arm_notes: Mapping[str, str] | None = 
               f"Definitions: {docs_ref('metrics.md', 'study-statistics')}.", ""]
     text = settings.get("general_text") or {}
     if text.get("used"):
-        lines += [f"General text used: {cell(text['used'])} (requested: {cell(text.get('requested'))}).", ""]
+        req = text.get("requested")
+        req = req.get("path") if isinstance(req, dict) else req  # a dataset: its path (the config has the rest)
+        lines += [f"General text used: {cell(text['used'])} (requested: {cell(req)}).", ""]
     if _finite(results.get("wall_s")):
         lines += [f"Wall time: {results['wall_s']:.0f} s.", ""]
+    return lines
+
+
+def _tokens(v: Any) -> str:
+    if not _finite(v):
+        return NA
+    v = float(v)
+    return f"{v / 1e9:.2f}B" if v >= 1e9 else f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e3 else f"{v:.0f}"
+
+
+def data_md(results: Mapping[str, Any]) -> list[str]:
+    """Tokens drawn per source and epochs over it, per arm (expected values, see data.budget)."""
+    arms = {n: e["data"] for n, e in (results.get("arms") or {}).items() if (e.get("data") or {}).get("streams")}
+    if not arms:
+        return []
+    body, flagged = [], False
+    for name, d in arms.items():
+        for stream, e in d["streams"].items():
+            ep = e.get("epochs")
+            mark = ""
+            if _finite(ep) and ep > 1.0:
+                mark = " (intended)" if stream in (d.get("intended_repeats") or []) else " ‡"
+                flagged |= mark == " ‡"
+            body.append([cell(name), cell(stream), cell(e.get("kind")), fmt_num(e.get("token_share"), "acc"),
+                         _tokens(e.get("tokens_drawn")), _tokens(e.get("source_tokens")),
+                         (f"{ep:.2f}" if _finite(ep) else "endless") + mark])
+    first = next(iter(arms.values()))
+    lines = ["### Data drawn per source", "",
+             f"Per fine-tune: {_tokens(first.get('total_tokens'))} tokens; {cell(first.get('method'))}. A world "
+             "stream is generated without end (no epochs); epochs above 1 repeat the source.", ""]
+    lines += table(["arm", "stream", "kind", "token share", "tokens drawn", "source tokens", "epochs"], body) + [""]
+    if flagged:
+        lines += ["‡ more than one epoch, and not listed in the arm's `intended_repeats`.", ""]
+    return lines
+
+
+def rehearsal_md(results: Mapping[str, Any]) -> list[str]:
+    """What a rehearsal replaced: every hub resource's local stand-in and every scaled-down setting."""
+    r = results.get("rehearsal")
+    if not r:
+        return []
+    lines = ["## Rehearsal: stand-ins, not results", "",
+             f"This is a rehearsal of {cell(r.get('config'))}: the same config and code paths at toy size on "
+             f"{cell(r.get('platform'))}, with every hub resource replaced by a local stand-in in the same format. "
+             "Its numbers test the machinery; they say nothing about the claims.", ""]
+    lines += table(["resource", "kind", "stand-in", "format"],
+                   [[cell(s.get("resource")), cell(s.get("kind")), cell(s.get("stand_in")), cell(s.get("format"))]
+                    for s in r.get("stand_ins") or []]) + [""]
+    if r.get("scaled"):
+        lines += table(["setting", "in the config", "in the rehearsal"],
+                       [[cell(k), cell(v[0]), cell(v[1])] for k, v in r["scaled"].items()]) + [""]
     return lines
 
 
@@ -933,7 +986,9 @@ def write_study_report(out_dir: Path, *, title: str, results: Mapping[str, Any],
     md = [f"# {title}", ""]
     if results.get("description"):
         md += [str(results["description"]), ""]
+    md += rehearsal_md(results)
     md += design_md(results, arm_notes)
+    md += data_md(results)
     md += findings_md(results.get("claims") or [])
     md += power_md(results)
     md += base_md(results)

@@ -23,6 +23,7 @@ import numpy as np
 
 from bshadow_jax import diagnostics
 from bshadow_jax.config import config_hash, from_dict, to_dict
+from bshadow_jax.data.budget import source_budget, unintended_repeats
 from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
@@ -186,6 +187,11 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
         d = diagnose(base.params, params, cfg)
         curve.append({"step": int(step), **seed_footprint(d.summary, d.rows)})
 
+    budget = source_budget(tcfg.data, base.tokenizer, steps=steps, batch_size=tcfg.train.batch_size,
+                           seq_len=tcfg.train.seq_len, seed=tcfg.seed)
+    for name in unintended_repeats(budget, arm.intended_repeats):
+        _log(f"warning: {arm.name} draws {budget['streams'][name]['epochs']:.1f} epochs of stream {name!r}, which "
+             f"the config does not list in arms.{arm.name}.intended_repeats")
     counter = TokenCounter(steps)  # counts the tokens the loop's own stream feeds, as it feeds them
     res = train(tcfg, udir / "run", init_params=base.params, tokenizer=base.tokenizer,
                 on_checkpoint=on_checkpoint if every else None, callback_every=every, progress=False,
@@ -206,7 +212,8 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     record = {
         "arm": arm.name, "base": base.seed, "seed": int(seed), "config_hash": want,
         "narrow": ev.get("narrow", {}), "broad": ev.get("broad", {}), "perplexity": ev.get("perplexity", {}),
-        "items": ev["items"], "passages": ev["passages"], "distinct_tokens": tokens,
+        "items": ev["items"], "passages": ev["passages"], "distinct_tokens": tokens, "data_budget": budget,
+        **({"lm_eval": ev["lm_eval"]} if "lm_eval" in ev else {}),
         "footprint": fp, "footprint_variants": variants,
         "footprint_by_module": _plain({k: v.get("energy_share") for k, v in (d.summary.get("by_module") or {}).items()
                                        if isinstance(v, Mapping)}),
@@ -318,7 +325,7 @@ def noise_floor(cfg: StudyConfig, out: Path, records: Mapping[str, list[dict]]) 
 
 # ---------------------------------------------------------------- the whole study
 
-def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str) -> dict:
+def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str, rehearsal: Mapping[str, Any] | None = None) -> dict:
     out = check_output_dir(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -351,7 +358,7 @@ def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str) -> dict
                 _log(f"{done}/{n_units} fine-tunes done ({time.perf_counter() - t_start:.0f}s)")
     floor = noise_floor(cfg, out, records)
     results = fin.build_results(cfg, records, study=study, base_evals=base_evals, eval_sets=eval_sets,
-                                floor=floor, wall_s=time.perf_counter() - t_start)
+                                floor=floor, wall_s=time.perf_counter() - t_start, rehearsal=rehearsal)
     fin.write_outputs(cfg, out, results, records, base_evals=base_evals, eval_sets=eval_sets,
                       base_curves=base_curves, title=title)
     _log(f"study done in {time.perf_counter() - t_start:.1f}s: {out / 'results.json'}")

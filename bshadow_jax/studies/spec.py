@@ -41,6 +41,8 @@ class ArmSpec:
     # None = derived from the data section (aligned 0, coverage 1, mixture alpha) or unlabelled.
     coverage_fraction: float | None = None
     description: str = ""
+    # streams this arm is meant to draw more than one epoch of (the runner warns about any other)
+    intended_repeats: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         if not self.name or any(not (c.isalnum() or c in "_-") for c in self.name):
