@@ -127,7 +127,6 @@ def test_two_processes_train_like_one_process(tmp_path, reference_run):
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
-@pytest.mark.slow
 def test_sigkill_both_after_a_checkpoint_then_resume(tmp_path, reference_run):
     run = tmp_path / "run"
     procs = _spawn(lambda f: _train_args(run, *f))
