@@ -317,14 +317,20 @@ def run(args: argparse.Namespace, fn):
 
 # ----------------------------------------------------------------------------------------- gathering
 
+_gather_calls: dict[str, int] = {}
+
+
 def gather_bytes(tag: str, payload: bytes | None) -> list[bytes] | None:
     """Process 0 receives every process's payload (in process order); the others get None.
 
-    Through the coordinator's key-value store: no device collective, so payloads may differ in size."""
+    Through the coordinator's key-value store: no device collective, so payloads may differ in size. Every
+    process calls it in the same order; the k-th call with a tag uses its own keys (a study diagnoses many
+    pairs), so a tag may be reused."""
     me, n = _process
     if n == 1:
         return [payload or b""]
-    key = f"bshadow/gather/{tag}"
+    _gather_calls[tag] = _gather_calls.get(tag, 0) + 1
+    key = f"bshadow/gather/{tag}/{_gather_calls[tag]}"
     _client.key_value_set_bytes(f"{key}/{me}", payload or b"")
     if me != 0:
         return None

@@ -310,6 +310,15 @@ class TokenCounter:
     def count(self) -> int:
         return len(self._ids)
 
+    def ids_bytes(self) -> bytes:
+        """The ids seen, as int32 bytes (processes of a multi-process run send theirs to process 0)."""
+        return np.asarray(sorted(self._ids), np.int32).tobytes()
+
+    @staticmethod
+    def union_count(payloads: list[bytes]) -> int:
+        """Distinct ids over several processes' `ids_bytes`."""
+        return len(set(np.concatenate([np.frombuffer(b, np.int32) for b in payloads]).tolist()))
+
 
 def distinct_tokens(data_cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, seed: int, steps: int) -> int:
     """How many distinct token ids the first `steps` batches of this stream feed (inputs and targets of

@@ -222,13 +222,16 @@ def diagnose(base_params: Any, tuned_params: Any, *, topk: int = 8, mesh=None, r
             metrics.csv) and W_base / W_tuned are never decomposed.
 
     Returns:
-        DiagnoseResult (rows, summary, spectra, vectors: the vectors.csv rows of 1-D tensors).
+        DiagnoseResult (rows, summary, spectra, vectors: the vectors.csv rows of 1-D tensors). In a
+        multi-process job every process must call it (the matrices are split across processes) and only
+        process 0 gets the result; the others get None.
     """
     with plan.open_source(base_params, name="<base>", layer_axis=layer_axis, layout=layout) as b, \
             plan.open_source(tuned_params, name="<tuned>", layer_axis=layer_axis, layout=layout) as t:
-        return _diagnose_sources(b, [t], topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
-                                 method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend,
-                                 metrics=metrics)[0]
+        res = _diagnose_sources(b, [t], topk=topk, mesh=mesh, rename=rename, include=include, exclude=exclude,
+                                method=method, budget_mb=budget_mb, progress=progress, eig_backend=eig_backend,
+                                metrics=metrics)
+        return res[0] if res else None
 
 
 def diagnose_checkpoints(base_path, tuned_path, *, item: str | None = None, layer_axis=(), layout: str | None = None,

@@ -200,9 +200,14 @@ def load_study(config_path: str, overrides: list[str] | tuple[str, ...], out_dir
     from bshadow_jax.fileio import check_output_dir
     from bshadow_jax.studies.spec import load_study_config
 
+    from bshadow_jax import distributed
+
     cfg = load_study_config(config_path, list(overrides))
     if not rehearse:
         return cfg, None
+    if distributed.is_multiprocess():
+        raise UserError("--rehearse runs in one process (it rehearses the config, with every local device in the "
+                        "mesh); drop --coordinator/--num-processes/--process-id")
     root = check_output_dir(out_dir).absolute() / "rehearsal"
     path, section = prepare(config_path, overrides, root)
     return load_study_config(path), section

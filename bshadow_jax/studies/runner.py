@@ -10,6 +10,11 @@ Layout of the study folder DIR:
   DIR/results.json, DIR/items.csv, DIR/passages.csv, DIR/report.md, DIR/*.png   written atomically at the end
 Re-running on the same DIR reuses every finished unit (record.json with the same config hash)
 and resumes unfinished runs from their checkpoints.
+
+Several processes (bshadow_jax.distributed): every process takes part in each fine-tune (the training
+loop's collectives) and in each diagnose (the matrices are split across processes); process 0 alone
+evaluates, writes every file and aggregates, and the others return an empty result. Every process must
+see the same DIR (a shared file system).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bshadow_jax import diagnostics
+from bshadow_jax import diagnostics, distributed
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.budget import source_budget, unintended_repeats
 from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens
@@ -151,7 +156,7 @@ def prepare_base(cfg: StudyConfig, out: Path, tokenizer, seed: int) -> Base:
     _log(f"pretraining base {seed}: {pcfg.train.steps} steps" + (" (resuming/reusing)" if run_dir.exists() else ""))
     res = train(pcfg, run_dir, tokenizer=tokenizer, progress=False)
     curve = [{"step": int(m["step"]), "loss": float(m["loss"])} for m in res.metrics if "loss" in m]
-    if info is None:
+    if info is None and distributed.is_main():
         atomic_write_json(done, {"config_hash": want, "steps": res.step, "wall_s": time.perf_counter() - t0})
     _log(f"base {seed} ready in {time.perf_counter() - t0:.1f}s (final loss "
          f"{curve[-1]['loss'] if curve else float('nan'):.3f})")
@@ -184,8 +189,9 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     def on_checkpoint(step: int, params) -> None:
         if step >= steps:  # the final state is diagnosed (and written) below
             return
-        d = diagnose(base.params, params, cfg)
-        curve.append({"step": int(step), **seed_footprint(d.summary, d.rows)})
+        d = diagnose(base.params, params, cfg)  # every process takes part; process 0 gets the result
+        if d is not None:
+            curve.append({"step": int(step), **seed_footprint(d.summary, d.rows)})
 
     budget = source_budget(tcfg.data, base.tokenizer, steps=steps, batch_size=tcfg.train.batch_size,
                            seq_len=tcfg.train.seq_len, seed=tcfg.seed)
@@ -198,6 +204,10 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
                 batch_map=counter)
     t_train = time.perf_counter() - t0
     d = diagnose(base.params, res.params, cfg)
+    # each process counted the rows it fed; process 0 takes the union
+    seen = distributed.gather_bytes(f"tokens/{arm.name}/{base.seed}/{seed}", counter.ids_bytes())
+    if not distributed.is_main():
+        return {"arm": arm.name, "base": base.seed, "seed": int(seed), "config_hash": want}
     write_diagnose(d, udir / "diagnose", figures=cfg.diagnose.unit_figures)
     variants = footprint_variants(d.summary, d.rows)
     fp = variants["all"]
@@ -206,7 +216,7 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     t1 = time.perf_counter()
     ev = evaluate(base.model_cfg, res.params, base.tokenizer, eval_sets, cfg.evals)
     t_eval = time.perf_counter() - t1
-    tokens = counter.count if counter.complete else distinct_tokens(  # a resumed run saw only its last batches
+    tokens = TokenCounter.union_count(seen) if counter.complete else distinct_tokens(  # a resumed run saw only its last batches
         tcfg.data, base.tokenizer, seq_len=tcfg.train.seq_len, batch_size=tcfg.train.batch_size, seed=tcfg.seed,
         steps=steps)
     record = {
@@ -251,6 +261,8 @@ def _pair_footprint(cfg: StudyConfig, path: Path, a_dir: Path, b_dir: Path, key:
     _, wa = load_pretrained(str(a_dir / "run"))
     _, wb = load_pretrained(str(b_dir / "run"))
     d = diagnose(wb, wa, cfg)  # "base" = b, so the delta is W_a - W_b
+    if d is None:  # a process other than 0 of a multi-process run: it took part, process 0 keeps the result
+        return {}
     variants = footprint_variants(d.summary, d.rows)
     flat = {f"{'footprint' if v == 'all' else 'footprint_' + v}.{k}": x for v, m in variants.items() for k, x in m.items()}
     rec = {"config_hash": want, "footprint": flat,
@@ -305,6 +317,13 @@ def noise_floor(cfg: StudyConfig, out: Path, records: Mapping[str, list[dict]]) 
         return recs
 
     floor: dict[str, Any] = {"arms": {}, "between_arms": {}}
+    if not distributed.is_main():  # take part in every pair's diagnose, in process 0's order
+        for arm in names:
+            pairs(arm, arm)
+        for ref in (roles.aligned, roles.token_matched):
+            if ref != roles.coverage and roles.coverage in names and ref in names:
+                pairs(roles.coverage, ref)
+        return {}
     for arm in names:
         recs = pairs(arm, arm)
         if recs:
@@ -345,18 +364,21 @@ def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str, rehears
             continue
         base = prepare_base(cfg, out, tokenizer, b)
         base_curves[b] = base.curve
-        eval_path = base_dir(out, b) / "eval.json"
-        ev = _read_json(eval_path)
-        if ev is None or ev.get("source") != base.source:
-            ev = {"source": base.source, **evaluate(base.model_cfg, base.params, tokenizer, eval_sets, cfg.evals)}
-            atomic_write_json(eval_path, ev)
-        base_evals[b] = ev
+        if distributed.is_main():  # evaluation runs on process 0's devices only
+            eval_path = base_dir(out, b) / "eval.json"
+            ev = _read_json(eval_path)
+            if ev is None or ev.get("source") != base.source:
+                ev = {"source": base.source, **evaluate(base.model_cfg, base.params, tokenizer, eval_sets, cfg.evals)}
+                atomic_write_json(eval_path, ev)
+            base_evals[b] = ev
         for arm, seed in todo:
             records[arm.name].append(run_unit(cfg, base, arm, seed, out, eval_sets, extra))
             done += 1
             if done % 5 == 0 or done == n_units:
                 _log(f"{done}/{n_units} fine-tunes done ({time.perf_counter() - t_start:.0f}s)")
     floor = noise_floor(cfg, out, records)
+    if not distributed.is_main():
+        return {}
     results = fin.build_results(cfg, records, study=study, base_evals=base_evals, eval_sets=eval_sets,
                                 floor=floor, wall_s=time.perf_counter() - t_start, rehearsal=rehearsal)
     fin.write_outputs(cfg, out, results, records, base_evals=base_evals, eval_sets=eval_sets,

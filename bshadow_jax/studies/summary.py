@@ -32,4 +32,6 @@ def summary_lines(results: Mapping[str, Any], out_dir: str) -> list[str]:
 
 
 def print_summary(results: Mapping[str, Any], out_dir: str) -> None:
+    if not results:  # a process other than 0 of a multi-process study: process 0 prints
+        return
     print("\n".join(summary_lines(results, out_dir)))
