@@ -231,3 +231,25 @@ def test_shipped_narrow_task_scores_like_the_study(setup, monkeypatch):
     ll_ours = np.array([r["ll"] for r in mine])
     assert float(np.abs(ll_lm - ll_ours).max()) < 1e-4
     assert [s["acc"] for s in docs] == [r["acc"] for r in mine]
+
+
+def test_data_parallel_over_local_devices_scores_like_one_device(setup):
+    """batch_size 8 on the 8 CPU devices (params replicated, rows split) against one device: the same
+    option log-likelihoods, rolling log-likelihoods and greedy generations."""
+    import jax
+
+    from bshadow_jax.evals.harness import JaxLM
+
+    folder, task_dir = setup
+    assert jax.local_device_count() == 8  # tests/conftest.py
+    dp, one = JaxLM(str(folder), batch_size=8), JaxLM(str(folder), batch_size=8, data_parallel=False)
+    assert dp._mesh.devices.size == 8 and one._mesh.devices.size == 1
+    a, b = (_evaluate(lm, ["bs_mc", "bs_ppl", "bs_gen"], task_dir) for lm in (dp, one))
+    for task in ("bs_mc", "bs_ppl"):
+        la = np.array([r[0] for s in _per_doc(a, task) for r in s["filtered_resps"]] if task == "bs_mc"
+                      else [s["filtered_resps"][0] for s in _per_doc(a, task)], dtype=float)
+        lb = np.array([r[0] for s in _per_doc(b, task) for r in s["filtered_resps"]] if task == "bs_mc"
+                      else [s["filtered_resps"][0] for s in _per_doc(b, task)], dtype=float)
+        print(f"{task}: max |data parallel - one device| {np.max(np.abs(la - lb)):.3g}")
+        np.testing.assert_allclose(la, lb, rtol=0, atol=1e-4)
+    assert [s["resps"] for s in _per_doc(a, "bs_gen")] == [s["resps"] for s in _per_doc(b, "bs_gen")]

@@ -101,6 +101,8 @@ class JaxLM(TemplateLM):
             docstring. Strings "true"/"false" are accepted (lm-eval's model_args are strings).
         dtype: compute dtype, "float32" or "bfloat16" (weights stay float32).
         max_gen_toks: generate_until's limit when a task sets none.
+        data_parallel: split every batch over this process's devices (params replicated) when
+            batch_size is a multiple of their number; False (or a batch that does not divide) uses one.
         **kwargs: lm-eval's generic model options (device, max_batch_size) are accepted and unused:
             jax picks the device.
 
@@ -112,9 +114,10 @@ class JaxLM(TemplateLM):
 
     def __init__(self, pretrained: str | os.PathLike, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
                  max_length: int | str | None = None, add_bos_token: bool | str = True, dtype: str = "float32",
-                 max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, **kwargs: Any) -> None:
+                 max_gen_toks: int | str = DEFAULT_MAX_GEN_TOKS, data_parallel: bool | str = True,
+                 **kwargs: Any) -> None:
         super().__init__()
-        self._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks, **kwargs)
+        self._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks, data_parallel, **kwargs)
         self.pretrained = os.fspath(pretrained)
         cfg, params = models.load_pretrained(self.pretrained)
         self._set_model(cfg, params, models.checkpoint_tokenizer(self.pretrained))
@@ -122,23 +125,24 @@ class JaxLM(TemplateLM):
     @classmethod
     def from_model(cls, cfg, params, tokenizer, *, name: str = "in-memory", batch_size: int = DEFAULT_BATCH_SIZE,
                    max_length: int | None = None, add_bos_token: bool = True, dtype: str = "float32",
-                   max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> "JaxLM":
+                   max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, data_parallel: bool = True) -> "JaxLM":
         """The adapter on a model already in memory (a study scores every fine-tune without writing it out).
 
         Args:
             cfg, params: the model (`models.load_pretrained`'s pair).
             tokenizer: its Hugging Face tokenizer.
             name: what results' "config" calls the model.
-            batch_size, max_length, add_bos_token, dtype, max_gen_toks: as for the constructor.
+            batch_size, max_length, add_bos_token, dtype, max_gen_toks, data_parallel: as for the constructor.
         """
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks)
+        lm._set_options(batch_size, max_length, add_bos_token, dtype, max_gen_toks, data_parallel)
         lm.pretrained = name
         lm._set_model(cfg, params, tokenizer)
         return lm
 
-    def _set_options(self, batch_size, max_length, add_bos_token, dtype, max_gen_toks, **kwargs) -> None:
+    def _set_options(self, batch_size, max_length, add_bos_token, dtype, max_gen_toks, data_parallel=True,
+                     **kwargs) -> None:
         unknown = set(kwargs) - {"device", "max_batch_size"}
         if unknown:
             raise UserError(f"{MODEL_NAME} model: unknown option(s) {', '.join(sorted(unknown))}")
@@ -150,14 +154,24 @@ class JaxLM(TemplateLM):
         self._batch_size = _positive_int(DEFAULT_BATCH_SIZE if batch_size is None else batch_size, "batch_size")
         self._max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self._max_length_option = _positive_int(max_length, "max_length") if max_length is not None else None
+        self._data_parallel = _as_bool(data_parallel, "data_parallel")
 
     def _set_model(self, cfg, params, tokenizer) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
         if self.tokenizer.eos_token_id is None and self.tokenizer.bos_token_id is None:
             raise UserError(f"{self.pretrained}: the tokenizer has neither an eos nor a bos token "
                             "to start contexts with")
-        self.params = jax.device_put(params)
+        # data parallel over this process's devices when the batch divides: the params replicated, every
+        # batch split along its rows (jit then runs one program over the mesh); else one device
+        devices = jax.local_devices()
+        n = len(devices) if self._data_parallel and self._batch_size % len(devices) == 0 else 1
+        self._mesh = jax.sharding.Mesh(np.asarray(devices[:n]), ("batch",))
+        self._rows = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("batch"))
+        self.params = jax.device_put(params, jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
         self._max_length = self._max_length_option or self.cfg.max_position_embeddings
+
+    def _put(self, x_BxT: np.ndarray) -> jax.Array:
+        return jax.device_put(x_BxT, self._rows)
 
     # ------------------------------------------------------------------ lm-eval's model interface
 
@@ -187,7 +201,7 @@ class JaxLM(TemplateLM):
 
     @property
     def device(self) -> str:
-        return str(jax.devices()[0])
+        return str(self._mesh.devices.flat[0]) + (f" (+{self._mesh.devices.size - 1} more, data parallel)" if self._mesh.devices.size > 1 else "")
 
     @property
     def tokenizer_name(self) -> str:
@@ -266,7 +280,8 @@ class JaxLM(TemplateLM):
         for b, r in enumerate(rows):
             n = len(r.inputs)
             tokens[b, :n], targets[b, :n], seg[b, :n] = r.inputs, r.targets, 1
-        logp, greedy = _score_batch(self.cfg, _DTYPES[self.dtype], self.params, tokens, seg, targets)
+        logp, greedy = _score_batch(self.cfg, _DTYPES[self.dtype], self.params, self._put(tokens), self._put(seg),
+                                    self._put(targets))
         logp, greedy = np.asarray(logp), np.asarray(greedy)
         out = []
         for b, r in enumerate(rows):
@@ -351,7 +366,7 @@ class JaxLM(TemplateLM):
         for b, e in enumerate(encs):
             tokens[b, L - len(e):L] = e
             seg[b, L - len(e):] = 1  # segment 0 = left padding; positions restart at each row's first token
-        tokens_dev, seg_dev = jnp.asarray(tokens), jnp.asarray(seg)
+        tokens_dev, seg_dev = self._put(tokens), self._put(seg)
         eos = self.tokenizer.eos_token_id
         stops = [s for s in until if s]
         generated: list[list[int]] = [[] for _ in encs]
