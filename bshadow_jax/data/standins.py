@@ -7,7 +7,7 @@ through the same code path as `load_dataset("openai/gsm8k", "main", ...)`, and a
 procedural world's vocabulary, never copied from the real datasets; only the schema is the real one.
 `bshadow experiment ... --rehearse` (studies.rehearsal) is the user.
 
-    folder = write_standin("openai/gsm8k", root)   # KeyError-free: UserError for an unknown id
+    folder = write_standin("openai/gsm8k", root)   # UserError for an id without a stand-in
 """
 from __future__ import annotations
 
@@ -54,11 +54,16 @@ def _metamath(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def _science_fact(rng: random.Random) -> tuple[str, str, list[str]]:
+    """(thing, its kind, three wrong kinds)."""
+    thing, kind = rng.choice(_SCIENCE)
+    return thing, kind, rng.sample([k for k in _KINDS if k != kind], 3)
+
+
 def _arc(rng: random.Random, n: int) -> list[dict]:
     out = []
     for i in range(n):
-        thing, kind = rng.choice(_SCIENCE)
-        wrong = rng.sample([k for k in _KINDS if k != kind], 3)
+        thing, kind, wrong = _science_fact(rng)
         texts = [kind, *wrong]
         rng.shuffle(texts)
         labels = ["A", "B", "C", "D"]
@@ -81,8 +86,7 @@ def _piqa(rng: random.Random, n: int) -> list[dict]:
 def _sciq(rng: random.Random, n: int) -> list[dict]:
     out = []
     for _ in range(n):
-        thing, kind = rng.choice(_SCIENCE)
-        wrong = rng.sample([k for k in _KINDS if k != kind], 3)
+        thing, kind, wrong = _science_fact(rng)
         out.append({"question": f"What kind of thing is {thing}?", "distractor1": wrong[0], "distractor2": wrong[1],
                     "distractor3": wrong[2], "correct_answer": kind, "support": f"Everyone knows {thing} is a {kind}."})
     return out
