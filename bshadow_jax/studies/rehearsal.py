@@ -135,22 +135,23 @@ def prepare(config_path: str, overrides: list[str] | tuple[str, ...], root: Path
             stand_ins.append({"resource": value, "kind": kind, "stand_in": str(models_by_id[value]),
                               "format": "Hugging Face folder: config.json, model.safetensors, tokenizer files "
                                         f"(a random {_TOY_MODEL['num_hidden_layers']}-layer Llama, BPE {_VOCAB})"})
-    # datasets, wherever a data section names one
-    sections = [("finetune.data", _get(cfg, ["finetune", "data"]))]
-    sections += [(f"arms.{a.get('name')}.data", a.get("data")) for a in cfg.get("arms") or [] if isinstance(a, dict)]
-    done: dict[str, Path] = {}
-    for where, data in sections:
+    # datasets, wherever a data section names one, and those of the lm-eval tasks: one stand-in per hub id
+    datasets: dict[str, str] = {}
+
+    def dataset(hub_id: str) -> str:
+        if hub_id not in datasets:
+            datasets[hub_id] = str(write_standin(hub_id, root / "datasets"))
+            stand_ins.append({"resource": hub_id, "kind": "dataset", "stand_in": datasets[hub_id],
+                              "format": "hub dataset layout: parquet shards + README configs (same configs, "
+                                        "splits and fields; procedural rows)"})
+        return datasets[hub_id]
+
+    sections = [_get(cfg, ["finetune", "data"])] + [a.get("data") for a in cfg.get("arms") or [] if isinstance(a, dict)]
+    for data in sections:
         for key in ("hf", "text_hf"):
             hf = (data or {}).get(key)
-            if not isinstance(hf, dict) or not looks_like_hub_id(str(hf.get("path", ""))):
-                continue
-            hub_id = str(hf["path"])
-            if hub_id not in done:
-                done[hub_id] = write_standin(hub_id, root / "datasets")
-                stand_ins.append({"resource": hub_id, "kind": "dataset", "stand_in": str(done[hub_id]),
-                                  "format": "hub dataset layout: parquet shards + README configs (same configs, "
-                                            "splits and fields; procedural rows)"})
-            hf["path"] = str(done[hub_id])
+            if isinstance(hf, dict) and looks_like_hub_id(str(hf.get("path", ""))):
+                hf["path"] = dataset(str(hf["path"]))
     # lm-eval tasks: copies of lm-eval's configs on the stand-in datasets
     le = _get(cfg, ["evals", "lm_eval"]) or {}
     names = [t for sec in ("narrow", "broad") for t in le.get(sec) or []]
@@ -160,11 +161,7 @@ def prepare(config_path: str, overrides: list[str] | tuple[str, ...], root: Path
         for name, tcfg in _task_configs(names).items():
             hub_id = str(tcfg.get("dataset_path", ""))
             if looks_like_hub_id(hub_id):
-                if hub_id not in done:
-                    done[hub_id] = write_standin(hub_id, root / "datasets")
-                    stand_ins.append({"resource": hub_id, "kind": "dataset", "stand_in": str(done[hub_id]),
-                                      "format": "hub dataset layout: parquet shards + README configs"})
-                tcfg["dataset_path"] = str(done[hub_id])
+                tcfg["dataset_path"] = dataset(hub_id)
             atomic_write_text(tasks_dir / f"{name}.yaml", yaml.safe_dump(tcfg, sort_keys=False))
             stand_ins.append({"resource": f"lm-eval task {name}", "kind": "lm-eval task",
                               "stand_in": str(tasks_dir / f"{name}.yaml"),

@@ -316,23 +316,16 @@ def noise_floor(cfg: StudyConfig, out: Path, records: Mapping[str, list[dict]]) 
                                             {"a": ra["config_hash"], "b": rb["config_hash"]}))
         return recs
 
-    floor: dict[str, Any] = {"arms": {}, "between_arms": {}}
-    if not distributed.is_main():  # take part in every pair's diagnose, in process 0's order
-        for arm in names:
-            pairs(arm, arm)
-        for ref in (roles.aligned, roles.token_matched):
-            if ref != roles.coverage and roles.coverage in names and ref in names:
-                pairs(roles.coverage, ref)
-        return {}
-    for arm in names:
-        recs = pairs(arm, arm)
-        if recs:
-            floor["arms"][arm] = _mean_of(recs)
+    # Every process runs the same pairs in the same order (each diagnose is split across processes);
+    # only process 0 gets their footprints (the others' records are empty) and aggregates them.
     co = roles.coverage
-    for ref in (roles.aligned, roles.token_matched):
-        if ref == co or co not in floor["arms"] or ref not in floor["arms"]:
-            continue
-        recs = pairs(co, ref)
+    per_arm = {arm: pairs(arm, arm) for arm in names}
+    between = {ref: pairs(co, ref) for ref in (roles.aligned, roles.token_matched)
+               if ref != co and per_arm.get(co) and per_arm.get(ref)}
+    if not distributed.is_main():
+        return {}
+    floor: dict[str, Any] = {"arms": {a: _mean_of(recs) for a, recs in per_arm.items() if recs}, "between_arms": {}}
+    for ref, recs in between.items():
         if recs:
             entry = _mean_of(recs)
             for kind in ("blocks_only", "total"):
