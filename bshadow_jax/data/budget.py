@@ -3,9 +3,9 @@
 The mixer picks examples by weight, so a stream's share of the tokens is its weight times its mean
 example length, normalised over the stage's streams. Over `steps` x `batch_size` x `seq_len` packed
 tokens that gives the expected tokens drawn per stream; for a finite source (general text, a dataset,
-a repeated pool of world items) dividing by the source's own token count gives the epochs. Mean
-lengths come from the first `n_sample` examples of each stream, so the numbers are estimates (within a
-few percent at the default) and are labelled so. World streams without a pool are generated without
+a repeated pool of world items) dividing by the source's size (examples x that mean length) gives the
+epochs. Mean lengths come from the first `n_sample` examples of each stream, so the numbers are
+estimates (within a few percent at the default) and are labelled so. World streams without a pool are generated without
 end: they have no epochs.
 
     budget = source_budget(data_cfg, tokenizer, steps=2000, batch_size=64, seq_len=512)
@@ -23,23 +23,15 @@ from bshadow_jax.data.text import text_corpus
 from bshadow_jax.data.tokenizer import special_ids
 
 
-def _lengths(tok: _Tokenize, records) -> np.ndarray:
-    return np.asarray([len(tok(r)["inputs"]) for r in records], np.float64)
-
-
-def _source(spec, cfg: DataConfig, tok: _Tokenize, n_sample: int) -> tuple[int | None, float | None]:
-    """(examples, tokens) of a finite source; (None, None) for an endless one."""
+def _source_examples(spec, cfg: DataConfig) -> int | None:
+    """How many examples a finite source holds; None for an endless one."""
     if spec.kind == "text":
-        passages = text_corpus(cfg.text_key).train
-        recs = [{"prompt": "", "answer": p} for p in passages[:n_sample]]
-    elif spec.kind == "hf":
-        passages = _hf_records(cfg.hf)
-        recs = list(passages[:n_sample])
-    elif spec.kind == "world" and spec.pool_size > 0:
-        return spec.pool_size, None  # tokens filled in from the stream's own mean length
-    else:
-        return None, None
-    return len(passages), float(_lengths(tok, recs).mean()) * len(passages)
+        return len(text_corpus(cfg.text_key).train)
+    if spec.kind == "hf":
+        return len(_hf_records(cfg.hf))
+    if spec.kind == "world" and spec.pool_size > 0:
+        return spec.pool_size
+    return None
 
 
 def source_budget(data_cfg: DataConfig, tokenizer, *, steps: int, batch_size: int, seq_len: int, seed: int = 0,
@@ -51,7 +43,7 @@ def source_budget(data_cfg: DataConfig, tokenizer, *, steps: int, batch_size: in
         tokenizer: its tokenizer.
         steps, batch_size, seq_len: the run's size (global batch).
         seed: the run's data seed.
-        n_sample: examples per stream (and per source) whose lengths are measured.
+        n_sample: examples per stream whose lengths are measured.
 
     Returns:
         {"total_tokens", "method", "streams": {name: {"kind", "token_share", "tokens_drawn",
@@ -70,7 +62,7 @@ def source_budget(data_cfg: DataConfig, tokenizer, *, steps: int, batch_size: in
         live = {n: w for n, w in weights.items() if w > 0}
         for n in live:
             src = example_stream(n, plan.streams[n], data_cfg, seed=seed, stage=k)
-            mean_len[k, n] = float(_lengths(tok, [src[i] for i in range(n_sample)]).mean())
+            mean_len[k, n] = float(np.mean([len(tok(src[i])["inputs"]) for i in range(n_sample)]))
         norm = sum(w * mean_len[k, n] for n, w in live.items())
         for n, w in live.items():
             e = streams.setdefault(n, {"kind": plan.streams[n].kind, "tokens_drawn": 0.0})
@@ -79,9 +71,9 @@ def source_budget(data_cfg: DataConfig, tokenizer, *, steps: int, batch_size: in
     for n, e in streams.items():
         e["token_share"] = e["tokens_drawn"] / total if total else 0.0
         e["mean_example_tokens"] = float(np.mean([v for (_, m), v in mean_len.items() if m == n]))
-        examples, tokens = _source(plan.streams[n], data_cfg, tok, n_sample)
-        if examples is not None and tokens is None:
-            tokens = examples * e["mean_example_tokens"]
+        # a finite stream draws uniformly from its shuffled source, so its mean length is the source's
+        examples = _source_examples(plan.streams[n], data_cfg)
+        tokens = examples * e["mean_example_tokens"] if examples is not None else None
         e["source_examples"] = examples
         e["source_tokens"] = tokens
         e["epochs"] = e["tokens_drawn"] / tokens if tokens else None
