@@ -521,7 +521,7 @@ def benchmark_items(task_names: Sequence[str], tm, *, limit: int | None = None) 
     return out
 
 
-def item_rows(results: dict, task: str, *, metric: str | None = None) -> dict[str, list]:
+def item_rows(results: dict, task: str) -> dict[str, list]:
     """One task's per-document scores from `run_tasks(..., log_samples=True)`, in doc_id order.
 
     Multiple choice: correct = acc, gold_logprob = the gold option's log-likelihood, margin = gold minus
@@ -538,14 +538,14 @@ def item_rows(results: dict, task: str, *, metric: str | None = None) -> dict[st
     out: dict[str, list] = {"item_id": [], "correct": [], "gold_logprob": [], "margin": []}
     for s in chosen:
         out["item_id"].append(int(s["doc_id"]))
-        if "acc" in s and metric in (None, "acc"):  # multiple choice: [(ll, is_greedy)] per option
+        if "acc" in s:  # multiple choice: [(ll, is_greedy)] per option
             lls = np.asarray([float(r[0]) for r in s["filtered_resps"]])
             gold = int(s["target"])
             out["correct"].append(int(round(float(s["acc"]))))
             out["gold_logprob"].append(float(lls[gold]))
             out["margin"].append(float(lls[gold] - np.max(np.delete(lls, gold))) if lls.size > 1 else float("nan"))
         else:
-            name = metric or next(m for m in s["metrics"] if m in s)
+            name = next(m for m in s["metrics"] if m in s)
             out["correct"].append(int(round(float(s[name]))))
             out["gold_logprob"].append(float("nan"))
             out["margin"].append(float("nan"))

@@ -62,11 +62,6 @@ class EvalSuite:
     def broad(self) -> list[CatalogItem]:
         return self.catalog("broad")
 
-    @property
-    def metadata(self) -> dict:
-        return {**self.world.metadata, "lm_eval": {sec: {t: len(self.bench[t]) for t in ts}
-                                                   for sec, ts in self.tasks.items()}}
-
 
 def build_suite(evals_spec, data_cfg) -> EvalSuite:
     """The study's eval suite from its `evals` section (lm-eval tasks are resolved, and their documents
