@@ -22,7 +22,7 @@ def enc(tok, s):
 
 def fake_fn(logp_of_id, argmax="targets"):
     """A LogprobFn where log p(token) depends only on the token id (a context-free 'model')."""
-    def fn(inputs, seg, pos, gather):
+    def fn(inputs, seg, pos, gather, branch=None):
         lp = logp_of_id(gather).astype(np.float32)
         if argmax == "targets":
             am = gather[..., 0]
@@ -114,6 +114,48 @@ def test_packed_scores_equal_unpacked_forward(tok):
             ref.append(float(logp[i, pos, np.asarray(q[1:])[pos]].sum()))
             i += 1
         np.testing.assert_allclose(r["ll"], ref, rtol=1e-4, atol=1e-3)
+
+
+def test_branch_mask_shares_the_trunk_and_separates_branches():
+    from bshadow_jax.models import LlamaConfig
+    from bshadow_jax.models.llama import attention_mask
+
+    cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1)
+    seg = np.asarray([[1, 1, 1, 1, 1, 1, 2, 2, 0]])
+    branch = np.asarray([[0, 0, 1, 1, 2, 3, 0, 1, 0]])  # segment 1: trunk of 2, branches of 2, 1 and 1 tokens
+    pos = np.asarray([[0, 1, 2, 3, 2, 2, 0, 1, 0]])
+    got = np.asarray(attention_mask(cfg, seg, branch, pos))[0].astype(int)
+    want = np.asarray([
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0, 0],  # branch 2 sees the trunk and itself, not branch 1
+        [1, 1, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1, 0, 0],  # a new segment starts fresh
+        [0, 0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1],  # padding sees itself
+    ])
+    np.testing.assert_array_equal(got, want)
+    plain = np.asarray(attention_mask(cfg, seg))[0]
+    np.testing.assert_array_equal(np.asarray(attention_mask(cfg, seg, np.zeros_like(seg), pos))[0], plain)
+
+
+def test_shared_context_layout_is_used_and_matches_one_sequence_per_option(tok):
+    cfg, params = tiny_model(len(tok))
+    fn = scoring.model_logprob_fn(cfg, params)
+    eos = tok.eos_token_id
+    multi = [it for it in ITEMS[:3] if scoring._build_item_seqs(it, tok, eos, 64)[1]["mode"] != "single"]
+    assert [scoring._build_item_seqs(it, tok, eos, 64)[1]["mode"] for it in multi] == ["shared", "shared"]
+    shared = score_items(fn, multi, tok, eos=eos, T=64, batch_rows=2)
+    # each item again in a row too short for the shared layout but long enough for each option alone
+    for it, a in zip(multi, shared):
+        T = 1 + len(enc(tok, it.context)) + max(len(enc(tok, o)) for o in it.options) + 1
+        assert scoring._build_item_seqs(it, tok, eos, T)[1]["mode"] == "multi"
+        (b,) = score_items(fn, [it], tok, eos=eos, T=T, batch_rows=2)
+        np.testing.assert_allclose(a["ll"], b["ll"], rtol=1e-5, atol=1e-4)
+        assert a["acc"] == b["acc"] and a["exact_match"] == b["exact_match"]
 
 
 def test_evaluate_structure(tok):

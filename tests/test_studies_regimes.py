@@ -277,3 +277,34 @@ def test_repetition_without_equivalence_margins_exits_2_before_compute(tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "equivalence_margins" in err
     assert not out.exists()
+
+
+def test_stream_cache_replays_the_pipelines_batches_while_a_base_still_needs_them():
+    from bshadow_jax.data.pipeline import make_train_dataset, replay_dataset
+    from bshadow_jax.studies.runner import StreamCache
+    from bshadow_jax.training.config import TrainConfig
+
+    tcfg = from_dict(TrainConfig, {"seed": 5, "model": TINY["base"]["pretrain"]["model"],
+                                   "data": {"arm": "coverage_expanding", "text_source": "procedural"},
+                                   "train": {"steps": 3, "batch_size": 2, "seq_len": 32}})
+    tok = get_tokenizer(tcfg.data)
+    it = iter(make_train_dataset(tcfg.data, tok, seq_len=32, batch_size=2, seed=5))
+    want = [next(it) for _ in range(3)]
+    key = StreamCache.key(tcfg)
+    cache = StreamCache({key: 2})
+    for use in range(2):
+        got = list(iter(cache.dataset(tcfg, tok)(2)))
+        assert len(got) == 3
+        for g, w in zip(got, want):
+            assert set(g) == set(w) and all(np.array_equal(g[k], w[k]) for k in w)
+        assert (key in cache.kept) == (use == 0)  # kept for the second base, then dropped
+    small = StreamCache({key: 2}, max_bytes=0)
+    small.dataset(tcfg, tok)
+    assert not small.kept  # over the memory cap: the next base makes its own
+    # a run resumed from a checkpoint continues the replay where the iterator's state says
+    first = iter(replay_dataset(want))
+    next(first)
+    state = first.get_state()
+    again = iter(replay_dataset(want))
+    again.set_state(state)
+    assert np.array_equal(next(again)["inputs"], want[1]["inputs"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -270,6 +270,18 @@ def make_train_dataset(data_cfg: DataConfig, tokenizer, *, seq_len: int, batch_s
     if len(stages) == 1:
         return stages[0]
     return StagedIterDataset(stages, [s for s, _ in plan.stages])
+
+
+def first_batches(data_cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                  steps: int) -> list[dict]:
+    """The first `steps` batches of make_train_dataset (one host), as a list."""
+    it = iter(make_train_dataset(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed))
+    return [next(it) for _ in range(steps)]
+
+
+def replay_dataset(batches: Sequence[dict]) -> grain.IterDataset:
+    """A checkpointable grain IterDataset of the given batches, in order (see first_batches)."""
+    return grain.MapDataset.source(list(batches)).to_iter_dataset(_READ)
 
 
 def data_metadata(data_cfg: DataConfig) -> dict:

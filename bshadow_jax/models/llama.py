@@ -312,19 +312,33 @@ def segment_positions(segment_ids_BxT: jax.Array) -> jax.Array:
     return idx_BxT - start_BxT
 
 
-def attention_mask(cfg: LlamaConfig, segment_ids_BxT: jax.Array) -> jax.Array:
+def attention_mask(cfg: LlamaConfig, segment_ids_BxT: jax.Array, branch_ids_BxT: jax.Array | None = None,
+                   positions_BxT: jax.Array | None = None) -> jax.Array:
     """bool [B, T(q), T(k)]: causal, same segment, within the sliding window if any.
 
     Padding (segment 0) attends to padding only, so every row keeps its diagonal and the
     softmax never sees an all-masked row.
+
+    branch_ids (optional) make each segment a tree: branch 0 is the trunk, and a token of branch
+    b > 0 attends to the trunk and to its own branch, never to another branch. Several
+    continuations of one prefix then share its tokens in one row (evals.scoring's options). The
+    sliding window is then measured in positions (which restart per branch after the trunk), not
+    in row indices.
     """
     T = segment_ids_BxT.shape[-1]
     q_idx, k_idx = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-    allowed_TxT = k_idx <= q_idx
-    if cfg.sliding_window is not None:
-        allowed_TxT &= k_idx > q_idx - cfg.sliding_window
+    allowed = (k_idx <= q_idx)[None]
     same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return allowed_TxT[None] & same_BxTxT
+    if branch_ids_BxT is None:
+        if cfg.sliding_window is not None:
+            allowed &= (k_idx > q_idx - cfg.sliding_window)[None]
+        return allowed & same_BxTxT
+    b_q, b_k = branch_ids_BxT[:, :, None], branch_ids_BxT[:, None, :]
+    allowed = allowed & same_BxTxT & ((b_k == 0) | (b_k == b_q))
+    if cfg.sliding_window is not None:
+        pos = positions_BxT if positions_BxT is not None else segment_positions(segment_ids_BxT)
+        allowed &= pos[:, None, :] > pos[:, :, None] - cfg.sliding_window
+    return allowed
 
 
 def _attention(cfg: LlamaConfig, p: dict, x_BxTxD, cos_BxTxhd, sin_BxTxhd, mask_BxTxT, dtype):
@@ -357,11 +371,13 @@ def forward(
     *,
     compute_dtype=jnp.float32,
     remat: str = "none",
+    branch_ids_BxT: jax.Array | None = None,
 ) -> jax.Array:
     """Logits float32 [B, T, V]. Pure; jit with cfg static.
 
     segment_ids: 0 = padding; tokens attend causally within their own segment only.
     positions: default arange per row, restarting per segment when segment_ids are given.
+    branch_ids: optional tree attention within a segment (see attention_mask); give positions with them.
     compute_dtype: params stay as given (f32) and are cast inside the computation.
     remat: what a gradient keeps of each decoder layer (see REMAT_POLICIES); the values are the same.
     """
@@ -376,7 +392,9 @@ def forward(
     if positions_BxT is None:
         positions_BxT = segment_positions(segment_ids_BxT)
     cos, sin = _rope_cos_sin(cfg, jnp.asarray(positions_BxT))
-    mask_BxTxT = attention_mask(cfg, segment_ids_BxT)
+    mask_BxTxT = attention_mask(cfg, segment_ids_BxT,
+                                None if branch_ids_BxT is None else jnp.asarray(branch_ids_BxT, jnp.int32),
+                                jnp.asarray(positions_BxT, jnp.int32))
 
     def decoder_layer(layer, x_BxTxD, cos, sin, mask_BxTxT):
         h = _rms_norm(x_BxTxD, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)

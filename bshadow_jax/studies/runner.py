@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from bshadow_jax import diagnostics, distributed
 from bshadow_jax.config import config_hash, from_dict, to_dict
 from bshadow_jax.data.budget import source_budget, unintended_repeats
-from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens
+from bshadow_jax.data.pipeline import TokenCounter, distinct_tokens, first_batches, replay_dataset
 from bshadow_jax.data.tokenizer import get_tokenizer as _get_tokenizer
 from bshadow_jax.diagnostics import results as dresults
 from bshadow_jax.diagnostics.footprint import NON_BLOCK_MODULES
@@ -163,6 +164,47 @@ def prepare_base(cfg: StudyConfig, out: Path, tokenizer, seed: int) -> Base:
     return Base(res.model_config, res.params, tokenizer, f"pretrained:{want}", curve, seed)
 
 
+# ---------------------------------------------------------------- fine-tuning batches shared across bases
+
+class StreamCache:
+    """Each fine-tune's batches, made once for every base that runs them.
+
+    A fine-tune's data depends on its data section, seed and batch shape, not on the base, so an
+    arm and seed on three bases (and the optimizer control on its partner's data) feed the same
+    batches; the data pipeline's per-batch Python work is then done once per stream, not once per
+    unit. A stream is kept only while later units still use it, and only within `max_bytes`; with
+    several processes every unit builds its own (each process keeps only its rows of the batch).
+    """
+
+    def __init__(self, uses: Mapping[str, int], max_bytes: int = 512 << 20):
+        self.left = dict(uses)
+        self.max_bytes = max_bytes
+        self.kept: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def key(tcfg: TrainConfig) -> str:
+        t = tcfg.train
+        return config_hash({"data": to_dict(tcfg.data), "seed": tcfg.seed, "steps": t.steps,
+                            "batch_size": t.batch_size, "seq_len": t.seq_len})
+
+    def dataset(self, tcfg: TrainConfig, tokenizer):
+        """train()'s `dataset` argument for this unit, or None for the pipeline itself."""
+        if jax.process_count() > 1:
+            return None
+        k = self.key(tcfg)
+        self.left[k] = self.left.get(k, 1) - 1
+        batches = self.kept.pop(k, None) if self.left[k] <= 0 else self.kept.get(k)
+        if batches is None:
+            t = tcfg.train
+            batches = first_batches(tcfg.data, tokenizer, seq_len=t.seq_len, batch_size=t.batch_size,
+                                    seed=tcfg.seed, steps=t.steps)
+            size = sum(v.nbytes for b in batches for v in b.values())
+            used = sum(v.nbytes for bs in self.kept.values() for b in bs for v in b.values())
+            if self.left[k] > 0 and used + size <= self.max_bytes:
+                self.kept[k] = batches
+        return lambda local_batch: replay_dataset(batches)
+
+
 # ---------------------------------------------------------------- one arm x seed
 
 def unit_dir(out: Path, arm: str, base: int, seed: int) -> Path:
@@ -170,7 +212,7 @@ def unit_dir(out: Path, arm: str, base: int, seed: int) -> Path:
 
 
 def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, eval_sets,
-             unit_hash_extra: Mapping[str, Any]) -> dict:
+             unit_hash_extra: Mapping[str, Any], streams: StreamCache | None = None) -> dict:
     udir = unit_dir(out, arm.name, base.seed, seed)
     arm_dict = cfg.arm_dict(arm, seed, base.model_dict)
     steps = int(arm_dict.get("train", {}).get("steps", 100))
@@ -201,7 +243,7 @@ def run_unit(cfg: StudyConfig, base: Base, arm: ArmSpec, seed: int, out: Path, e
     counter = TokenCounter(steps)  # counts the tokens the loop's own stream feeds, as it feeds them
     res = train(tcfg, udir / "run", init_params=base.params, tokenizer=base.tokenizer,
                 on_checkpoint=on_checkpoint if every else None, callback_every=every, progress=False,
-                batch_map=counter)
+                batch_map=counter, dataset=streams.dataset(tcfg, base.tokenizer) if streams else None)
     t_train = time.perf_counter() - t0
     d = diagnose(base.params, res.params, cfg)
     # each process counted the rows it fed; process 0 takes the union
@@ -350,6 +392,12 @@ def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str, rehears
     base_evals: dict[int, dict] = {}
     base_curves: dict[int, list[dict]] = {}
     n_units = sum(len(cfg.arm_units(a)) for a in arms)
+    uses: dict[str, int] = {}
+    for a in arms:
+        for _, s in cfg.arm_units(a):
+            k = StreamCache.key(cfg.arm_config(a, s))
+            uses[k] = uses.get(k, 0) + 1
+    streams = StreamCache(uses)
     done = 0
     for b in cfg.base.base_seeds():
         todo = [(a, s) for a in arms for (bb, s) in cfg.arm_units(a) if bb == b]
@@ -365,7 +413,7 @@ def run_study(cfg: StudyConfig, out_dir: str, *, study: str, title: str, rehears
                 atomic_write_json(eval_path, ev)
             base_evals[b] = ev
         for arm, seed in todo:
-            records[arm.name].append(run_unit(cfg, base, arm, seed, out, eval_sets, extra))
+            records[arm.name].append(run_unit(cfg, base, arm, seed, out, eval_sets, extra, streams))
             done += 1
             if done % 5 == 0 or done == n_units:
                 _log(f"{done}/{n_units} fine-tunes done ({time.perf_counter() - t_start:.0f}s)")
