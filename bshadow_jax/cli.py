@@ -16,6 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from bshadow_jax.allocator import tune_glibc_malloc
 from bshadow_jax.errors import UserError
 
 _COMMAND_MODULES = (
@@ -107,6 +108,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_glibc_malloc()  # before jax starts its threads (bshadow_jax.allocator says why)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("BSHADOW_DEBUG") == "1"
     # No command reads stdin. Libraries that would ask on it (transformers asks "run the custom code

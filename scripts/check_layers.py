@@ -24,7 +24,7 @@ from pathlib import Path
 
 # lowest first; each entry is a layer (names are the first component under the package)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "lazy"),
+    ("errors", "lazy", "allocator"),    # no imports of our own; allocator: glibc malloc settings at start
     ("fileio", "config", "distributed"),                # core helpers: atomic writes, cache root, YAML -> dataclasses
     ("formats", "reporting"),            # checkpoint files tensor by tensor; figure/table plumbing
     ("models",),                         # the decoder, its config, load_pretrained / save_pretrained

@@ -19,7 +19,10 @@ import os
 import pytest
 from hypothesis import settings
 
+from bshadow_jax.allocator import tune_glibc_malloc
 from testkit import FigureRecorder, hypothesis_profile
+
+tune_glibc_malloc()  # as the CLI does, before jax starts its threads: the suite's train steps fault far less
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
