@@ -148,8 +148,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--seeds", default="1", help="comma-separated seed counts vmapped through one JAX step "
                     "(the studies train arms x seeds small models); tokens/s counts every seed's tokens")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: bshadow_jax.allocator's glibc settings, as the CLI applies them (for both systems, "
+                         "one process); default: glibc's defaults")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
+    if args.malloc == "tuned":
+        from bshadow_jax.allocator import tune_glibc_malloc
+
+        print(f"glibc malloc settings applied: {tune_glibc_malloc()}")
 
     import jax
 
