@@ -26,7 +26,7 @@ import json, resource, statistics, sys, time
 sys.path.insert(0, sys.argv[2])
 from bshadow_jax.allocator import tune_glibc_malloc
 applied = tune_glibc_malloc()
-import jax, numpy as np
+import jax
 from bshadow_jax.studies.spec import load_study_config
 from bshadow_jax.training import mesh as mesh_lib
 from bshadow_jax.training.compiled import compile_train_step
@@ -37,11 +37,8 @@ model_cfg = tc.llama_config(1024)
 mesh = mesh_lib.make_mesh(tc.mesh, batch_size=tc.train.batch_size, grad_accum=1)
 prog = compile_train_step(model_cfg, tc.optim, steps=tc.train.steps, mesh=mesh)
 state = prog.init_random(jax.random.key(0), 0)
-B, T = tc.train.batch_size, tc.train.seq_len
-rng = np.random.default_rng(0)
-batch = {"inputs": rng.integers(0, 1024, (B, T), dtype=np.int32), "targets": rng.integers(0, 1024, (B, T), dtype=np.int32),
-         "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-         "loss_mask": np.ones((B, T), np.int32)}
+from bshadow_jax.data.synthetic import synthetic_batch
+batch = synthetic_batch(0, vocab_size=1024, seq_len=tc.train.seq_len, batch_size=tc.train.batch_size, seed=0)
 batch = {k: batch[k] for k in BATCH_KEYS}
 state, m = prog.step_fn(state, batch); jax.block_until_ready(m)
 r0 = resource.getrusage(resource.RUSAGE_SELF)

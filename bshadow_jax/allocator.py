@@ -14,7 +14,6 @@ to leave glibc's defaults; on a C library other than glibc it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -36,12 +35,11 @@ def tune_glibc_malloc() -> bool:
     if os.environ.get("BSHADOW_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library is already loaded
+        libc.gnu_get_libc_version  # glibc only (musl has no such symbol)
         mallopt = libc.mallopt
-        gnu = ctypes.CDLL(None).gnu_get_libc_version  # glibc only (musl has no such symbol)
     except (OSError, AttributeError):
         return False
-    del gnu
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, KEEP_BYTES),
                                                  (_M_TRIM_THRESHOLD, KEEP_BYTES)))
